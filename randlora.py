@@ -1,21 +1,23 @@
 """RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
 
-A frozen linear layer ``y = x W^T + b`` (``W``: ``(out, in)``) is adapted with
-
-    ΔW = Σ_b  B_b Λ_b A Γ_b        (b = 0 .. n-1)
-
-where ``A`` (``(r, d)``) and the ``B_b`` (``(D, r)`` each) are fixed random bases shared by
-every adapted layer, and only the diagonals ``lam`` (Λ, ``(r, n)``) and ``gam`` (Γ,
-``(n, d)``) are trained. ``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``,
-so ``n * r >= d`` and the update can be full rank. Index conventions follow Hugging Face
-PEFT exactly (see ``RANDLORA.md``): with the scaled small basis ``S`` ``(r*n, d)`` and the
-flattened large basis ``Bf`` ``(D, n*r)``,
+A frozen linear layer ``y = x W^T + b`` (``W``: ``(out, in)``) is adapted, in the paper's words,
+with ``ΔW = Σ_b B_b Λ_b A Γ_b``: fixed random bases ``A`` ``(r, d)`` and ``B`` ``(D, n, r)``
+shared by every adapted layer, and only the diagonals ``lam`` (Λ, ``(r, n)``) and ``gam``
+(Γ, ``(n, d)``) trained. ``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``, so
+``n * r >= d`` and the update can be full rank. We compute exactly what Hugging Face PEFT
+computes (RANDLORA.md §1), so PEFT adapters load bit for bit: with the scaled small basis ``S``
+``(r*n, d)`` and the flattened large bases ``Bf`` ``(D, n*r)``,
 
     S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]
     Bf[:, b*r + k] = B[:, b, k]
     M = Bf @ S                          (D, d)
     ΔW = M if out >= in else M^T
     y = x W^T + b + (alpha / r) * x ΔW^T
+
+The two flattenings pair column ``b*r + k`` of ``Bf`` with row ``k*n + b`` of ``S``: for r, n > 1
+that is not the literal per-basis sum above, but it is still a sum of ``n`` rank-``r`` products
+(each large basis meets ``r`` rows of ``A``, each scaled by its own ``lam`` and ``gam``), and full rank
+for generic ``lam``, ``gam``.
 
 The file reads top to bottom: seeded bases -> autograd function -> layer ->
 model-level verbs -> checkpoint I/O.
@@ -53,6 +55,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "summary",
+    "from_peft",
+    "to_peft",
 ]
 
 BASES_KINDS = ("dense", "sparse", "very_sparse")
@@ -156,6 +160,7 @@ class _Bases:
         uA, uB = _uniform_A(self.seed, self.rank, d), _uniform_B(self.seed, self.rank, D, n)
         if self.kind == "dense":
             return (uA * 2 - 1) * math.sqrt(3), (uB * 2 - 1) * math.sqrt(3), None
+        s = _sparsity(self.kind, d) if s is None else s  # "sparse": s = 3 for every layer
         p = 1 / (2 * s)
 
         def ternary(u: torch.Tensor) -> torch.Tensor:
@@ -176,6 +181,17 @@ class _Bases:
         key = (torch.device(device), store, s)
         hit = self._cache.get(key)
         if hit is None or hit[1].shape[0] < D or hit[0].shape[1] < d:
+            hit = self._fill(key, D, d, s, device, store)
+        A_all, B_all, scale = hit
+        n = _num_bases(d, self.rank)
+        return A_all[:, :d], B_all[:D, :n].flatten(1), scale
+
+    @torch.compiler.disable
+    def _fill(self, key: tuple, D: int, d: int, s: float | None, device: torch.device, store: torch.dtype) -> tuple:
+        """Generate (or grow) the cached bases under ``key``. Kept out of torch.compile graphs:
+        seeded CPU generators cannot be traced, so a compiled model only ever reads the cache."""
+        hit = self._cache.get(key)
+        if hit is None or hit[1].shape[0] < D or hit[0].shape[1] < d:
             if self.explicit is not None:
                 A_all, B_all = self.explicit
                 if A_all.shape[1] < d or B_all.shape[0] < D or B_all.shape[1] < _num_bases(d, self.rank):
@@ -189,9 +205,7 @@ class _Bases:
             A_all, B_all, scale = self._generate(grow_D, grow_d, s)
             hit = (A_all.to(device=device, dtype=store), B_all.to(device=device, dtype=store), scale)
             self._cache[key] = hit
-        A_all, B_all, scale = hit
-        n = _num_bases(d, self.rank)
-        return A_all[:, :d], B_all[:D, :n].flatten(1), scale
+        return hit
 
     def dense(self, D: int, d: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """The float version of one layer's bases, ``A`` ``(r, d)`` and ``Bf`` ``(D, n*r)``."""
@@ -222,15 +236,22 @@ def _materialize(t: torch.Tensor, dtype: torch.dtype, scale: float | None) -> to
 # The autograd function
 
 
-def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skips the dispatch of a no-op .to(): this runs several times per layer and call.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _small_basis_eager(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``S`` ``(r*n, d)`` in ``dtype``: ``S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]``.
 
-    Built in float32 (float64 for float64 compute) and rounded once.
+    Computed in float32 (float64 for float64 compute) and rounded once, in two passes: the
+    second multiplies and rounds in one kernel.
     """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    S = lam.to(acc)[:, :, None] * gam.to(acc)[None, :, :]
-    S.mul_(A.to(acc)[:, None, :])
-    return S.flatten(0, 1).to(dtype)
+    lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)
+    if dtype == acc:
+        return lg.mul_(A.unsqueeze(1)).flatten(0, 1)
+    return torch.mul(lg, A.unsqueeze(1), out=torch.empty(lg.shape, dtype=dtype, device=lg.device)).flatten(0, 1)
 
 
 def _merged_weight(W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge_in: bool) -> torch.Tensor:
@@ -241,16 +262,97 @@ def _merged_weight(W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, sc
     return torch.addmm(W, lhs, rhs, alpha=scaling)
 
 
-def _scale_grads(
-    dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor
+def _scale_grads_eager(
+    dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` from ``dS`` ``(r*n, d)`` (RANDLORA.md §2)."""
+    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` from ``dS / scaling`` ``(r*n, d)`` (RANDLORA.md §2).
+
+    One elementwise pass (``dS * A * scaling`` in float32), then two batched matrix-vector
+    products over the bases ``b``, reading it without copies.
+    """
     acc = torch.float64 if dS.dtype == torch.float64 else torch.float32
     r, n = lam.shape
-    dSA = dS.to(acc).view(r, n, -1).mul_(A.to(acc)[:, None, :])  # dS is a temporary: in place is safe
-    dlam = torch.einsum("kbj,bj->kb", dSA, gam.to(acc))
-    dgam = torch.einsum("kbj,kb->bj", dSA, lam.to(acc))
-    return dlam.to(lam.dtype), dgam.to(gam.dtype)
+    dSA = (dS.view(r, n, -1) * (_as(A, acc) * scaling)[:, None, :]).transpose(0, 1)  # (n, r, d)
+    dlam = torch.bmm(dSA, _as(gam, acc)[:, :, None]).view(n, r).t()
+    dgam = torch.bmm(_as(lam, acc).t()[:, None, :], dSA).view(n, -1)
+    return _as(dlam, lam.dtype), _as(dgam, gam.dtype)
+
+
+# On CUDA, the two elementwise steps above each become one Triton kernel (Triton ships with
+# CUDA builds of PyTorch): S is written once in the compute dtype, dS is read once. That is
+# what keeps the merged path within a few percent of full fine-tuning (benchmarks/). Without
+# Triton, on the CPU, under torch.compile (inductor fuses the eager code itself) or with
+# RANDLORA_TRITON=0, the eager versions run; both compute the same float32 expressions.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernels on the CPU
+_USE_TRITON = os.environ.get("RANDLORA_TRITON", "1") != "0"
+try:
+    if not _USE_TRITON:
+        raise ImportError
+    import triton
+    import triton.language as tl
+except Exception:  # not installed (CPU builds), or broken: the eager path is always there
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _small_basis_kernel(S, lam, A, gam, n, d, s_row, a_row, g_row, BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # k * n + b
+        k = row // n
+        b = row - k * n
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < d
+        a = tl.load(A + k * a_row + j, mask=mask).to(tl.float32)
+        g = tl.load(gam + b * g_row + j, mask=mask).to(tl.float32)
+        lk = tl.load(lam + row).to(tl.float32)
+        tl.store(S + row * s_row + j, (lk * g * a).to(S.dtype.element_ty), mask=mask)  # eager's order
+
+    @triton.jit
+    def _scale_grads_kernel(dS, A, lam, gam, dgam, part, r, n, d, ds_row, a_row, g_row, scaling, BLOCK: tl.constexpr):
+        # One program per (basis b, block of columns j): reads dS[k*n + b, j] for all k once,
+        # accumulates dgam[b, j] and writes per-block partial sums of dlam (no atomics: deterministic).
+        b = tl.program_id(0)
+        jb = tl.program_id(1)
+        j = jb * BLOCK + tl.arange(0, BLOCK)
+        mask = j < d
+        g = tl.load(gam + b * g_row + j, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(r):
+            t = tl.load(dS + (k * n + b) * ds_row + j, mask=mask, other=0.0).to(tl.float32)
+            t = t * tl.load(A + k * a_row + j, mask=mask, other=0.0).to(tl.float32)
+            acc += t * tl.load(lam + k * n + b).to(tl.float32)
+            tl.store(part + (k * n + b) * tl.num_programs(1) + jb, tl.sum(t * g, axis=0) * scaling)
+        tl.store(dgam + b * d + j, acc * scaling, mask=mask)
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or _TRITON_INTERPRET) and t.dtype != torch.float64 and not torch.compiler.is_compiling()
+
+
+def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``S`` ``(r*n, d)`` in ``dtype``: ``S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]``."""
+    if not _fused(A) or dtype == torch.float64 or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
+        return _small_basis_eager(lam, gam, A, dtype)
+    r, n = lam.shape
+    d = gam.shape[1]
+    S = torch.empty(r * n, d, dtype=dtype, device=A.device)
+    _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0), gam.stride(0), BLOCK=1024)
+    return S
+
+
+def _scale_grads(
+    dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32) from unscaled ``dS`` ``(r*n, d)``."""
+    if not _fused(dS) or dS.stride(1) != 1 or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
+        return _scale_grads_eager(dS, lam, gam, A, scaling)
+    r, n = lam.shape
+    d = gam.shape[1]
+    blocks = triton.cdiv(d, 256)
+    dgam = torch.empty(n, d, dtype=torch.float32, device=dS.device)
+    part = torch.empty(r, n, blocks, dtype=torch.float32, device=dS.device)
+    _scale_grads_kernel[(n, blocks)](dS, A, lam, gam, dgam, part, r, n, d, dS.stride(0), A.stride(0), gam.stride(0), scaling, BLOCK=256)
+    return _as(part.sum(-1), lam.dtype), _as(dgam, gam.dtype)
 
 
 class RandLoraFunction(torch.autograd.Function):
@@ -279,8 +381,8 @@ class RandLoraFunction(torch.autograd.Function):
         else:
             y = F.linear(x, W, bias) if W is not None else None
             lhs, rhs = (x @ S.t(), Bf_.t()) if out_ge_in else (x @ Bf_, S)
-            if y is None:
-                y = torch.mm(lhs, rhs).mul_(scaling)
+            if y is None:  # adapter only: bias (if any) still added, as the merged path does
+                y = torch.mm(lhs, rhs).mul_(scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=scaling)
             else:
                 y.addmm_(lhs, rhs, alpha=scaling)
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
@@ -294,7 +396,7 @@ class RandLoraFunction(torch.autograd.Function):
         x, W, lam, gam, A, Bf = ctx.saved_tensors
         need_x, need_W, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
         s, out_ge_in, dtype = ctx.scaling, ctx.out_ge_in, x.dtype
-        dY = dY.to(dtype)
+        dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, ctx.bases_scale), _materialize(Bf, dtype, ctx.bases_scale)
         S = _small_basis(lam, gam, A_, dtype)
         dX = dW = db = dS = None
@@ -305,28 +407,26 @@ class RandLoraFunction(torch.autograd.Function):
                 G = dY.t() @ x  # (out, in): full fine-tuning's weight gradient
                 dW = G if need_W else None
                 if need_lam or need_gam:
-                    dS = (Bf_.t() @ G) if out_ge_in else (G @ Bf_).t()
-                    dS.mul_(s)
+                    dS = Bf_.t() @ (G if out_ge_in else G.t())  # (r*n, d), unscaled: _scale_grads applies it
                 del G
         else:
             if out_ge_in:  # y += s (x S^T) Bf^T
-                dH = (dY @ Bf_).mul_(s)  # (N, r*n)
+                dH = dY @ Bf_  # (N, r*n), unscaled
                 if need_x:
-                    dX = dH @ S if W is None else (dY @ W).addmm_(dH, S)
+                    dX = torch.mm(dH, S).mul_(s) if W is None else torch.addmm(dY @ W, dH, S, alpha=s)
                 if need_lam or need_gam:
                     dS = dH.t() @ x
             else:  # y += s (x Bf) S
                 if need_x:
-                    dU = (dY @ S.t()).mul_(s)
-                    dX = dU @ Bf_.t() if W is None else (dY @ W).addmm_(dU, Bf_.t())
+                    dU = dY @ S.t()
+                    dX = torch.mm(dU, Bf_.t()).mul_(s) if W is None else torch.addmm(dY @ W, dU, Bf_.t(), alpha=s)
                 if need_lam or need_gam:
                     dS = (x @ Bf_).t() @ dY
-                    dS.mul_(s)
             if need_W:
                 dW = dY.t() @ x
         dlam = dgam = None
         if dS is not None:
-            dlam, dgam = _scale_grads(dS, lam, gam, A_)
+            dlam, dgam = _scale_grads(dS, lam, gam, A_, s)
         if need_b and ctx.has_bias:
             db = dY.sum(0)
         return dX, dW, db, dlam, dgam, None, None, None, None, None, None
@@ -422,6 +522,7 @@ class RandLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.path, self.name = path, name
         self._bases = bases
+        self._views: tuple | None = None
         self.merged = False
         self.disabled = False
         self._merged_params: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -438,17 +539,34 @@ class RandLoraLinear(nn.Module):
     def mergeable(self) -> bool:
         return self.kind != "other"
 
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: drop the remembered views (they would copy the shared bases).
+        state = self.__dict__.copy()
+        state["_views"] = None
+        return state
+
+    def _bases_for(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """This layer's views of the shared bases, remembered per layer: slicing them anew on
+        every call costs more host time than the small-batch GPU work it feeds."""
+        v = self._views
+        if v is None or v[0] is not self._bases or v[2] is not dtype or v[1] != device:
+            v = (self._bases, device, dtype, *self._bases.get(self.D, self.d, device, dtype))
+            self._views = v
+        return v[3], v[4], v[5]
+
     def _weight(self) -> torch.Tensor:
         """The base weight as ``(out, in)`` (a view for Conv1D)."""
         w = self.base.weight
         return w if self.kind == "linear" else w.t()
 
     def _apply(self, fn, recurse: bool = True):
-        # model.half() / .to(bfloat16) casts the base but keeps lam/gam float32.
+        # model.half() / .to(bfloat16) casts the base but keeps lam/gam float32, with their values
+        # taken from before the cast (a round trip through the half type would round them).
+        before = (self.lam.data, self.gam.data)
         super()._apply(fn, recurse)
-        for p in (self.lam, self.gam):
+        for p, old in zip((self.lam, self.gam), before):
             if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
+                p.data = old.to(device=p.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:
@@ -474,7 +592,7 @@ class RandLoraLinear(nn.Module):
             return self.base(x)
         dt = x.device.type
         dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else x.dtype
-        A, Bf, bscale = self._bases.get(self.D, self.d, x.device, dtype)
+        A, Bf, bscale = self._bases_for(x.device, dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         backward = torch.is_grad_enabled() and (x.requires_grad or self.lam.requires_grad or self.gam.requires_grad)
@@ -486,15 +604,15 @@ class RandLoraLinear(nn.Module):
         out_ge_in = self.out_features >= self.in_features
         # Dropout makes the adapter's input differ from the base's: then the base runs on its own.
         fused = self.kind != "other" and (isinstance(self.dropout, nn.Identity) or not self.training)
-        with torch.autocast(dt, enabled=False):
+        with torch.autocast(dt, enabled=False) if dtype is not x.dtype else contextlib.nullcontext():
             if fused:
-                W = self._weight().to(dtype)
+                W = _as(self._weight(), dtype)
                 b = self.base.bias
-                b = b.to(dtype) if b is not None else None
-                y = RandLoraFunction.apply(x2.to(dtype), W, b, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, merged)
+                b = _as(b, dtype) if b is not None else None
+                y = RandLoraFunction.apply(_as(x2, dtype), W, b, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, merged)
                 return y.view(*lead, self.out_features)
             delta = RandLoraFunction.apply(
-                self.dropout(x2).to(dtype), None, None, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, merged
+                _as(self.dropout(x2), dtype), None, None, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, merged
             )
         y = self.base(x)
         return y + delta.view(*lead, self.out_features).to(y.dtype)
@@ -808,7 +926,8 @@ def summary(model: nn.Module) -> str:
     first = next((m for _, m in _adapted(model)), None)
     if first is not None:
         b = first._bases
-        lines.insert(0, f"RandLoRA: {len(rows)} layers, rank {first.rank}, alpha {first.alpha:g} (scaling {first.scaling:g}), seed {b.seed}, bases {b.kind}")
+        origin = "bases loaded from a file" if b.explicit is not None else f"seed {b.seed}, bases {b.kind}"
+        lines.insert(0, f"RandLoRA: {len(rows)} layers, rank {first.rank}, alpha {first.alpha:g} (scaling {first.scaling:g}), {origin}")
     lines.append(f"trainable parameters: {trainable} of {total} ({100 * trainable / max(total, 1):.4f}%)")
     return "\n".join(lines)
 
@@ -896,7 +1015,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 def _read_adapter(path: str | os.PathLike) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     """Parse and validate a randlora file's metadata; return (config, tensors)."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from safetensors import safe_open
 
@@ -905,7 +1024,7 @@ def _read_adapter(path: str | os.PathLike) -> tuple[dict[str, object], dict[str,
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(path)
-    except (SafetensorsError, ValueError, OSError) as e:
+    except (SafetensorError, ValueError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
@@ -957,7 +1076,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{path}: adapter layer {name!r} is not in the model; its linear layers: {_short_list(_linear_names(model))}")
         feats = (m.in_features, m.out_features) if isinstance(m, RandLoraLinear) else _features(m)
         if feats is None:
-            raise TypeError(f"{path}: adapter layer {name!r} is a {type(m).__name__} in the model, not a linear layer")
+            raise ValueError(f"{path}: adapter layer {name!r} is a {type(m).__name__} in the model, not a linear layer")
         if feats != (in_f, out_f):
             raise ValueError(f"{path}: layer {name!r} is (out, in) = {(out_f, in_f)} in the adapter but {feats[::-1]} in the model")
     if not layers:
@@ -976,3 +1095,507 @@ class _ShapeProbe:
         self.rank, self.in_features, self.out_features, self.name = rank, in_f, out_f, name
         self.d = min(in_f, out_f)
         self.n = _num_bases(self.d, rank)
+
+
+# -----------------------------------------------------------------------------
+# ---- PEFT interoperability
+#
+# Hugging Face PEFT stores a RandLoRA adapter as a folder: ``adapter_config.json`` (a
+# ``RandLoraConfig``) and ``adapter_model.safetensors`` with, per adapted layer,
+# ``base_model.model.<path>.randlora_lambda`` ``(r, n)`` and ``.randlora_gamma`` ``(n, d)``
+# (the same tensors as our ``lam``/``gam``) and, when ``save_projection`` is true, the shared
+# bases ``randlora_A`` ``(r, 1, d_max)`` and ``randlora_B`` ``(D_max, n_max, r)``, once per
+# layer and once more at ``base_model.``. PEFT sizes the shared bases from the element-wise
+# maximum of ``(out, in)`` over all targets and every layer slices ``A[:, :, :d]``,
+# ``B[:D, :n]``. Neither direction imports peft or transformers.
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_LAYER_PREFIX = "base_model.model."
+_PEFT_SHARED_PREFIX = "base_model."
+_PEFT_SUFFIXES = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
+
+# Config fields this loader does not implement: refused unless null / empty / "none".
+_PEFT_REFUSED_FIELDS = {
+    "layers_to_transform": "adapting only some layer indices",
+    "layers_pattern": "adapting only some layer indices",
+    "modules_to_save": "extra fully trained modules",
+    "rank_pattern": "per-layer ranks",
+    "alpha_pattern": "per-layer alphas",
+    "exclude_modules": "excluded modules",
+    "target_parameters": "adapting parameters instead of modules",
+    "trainable_token_indices": "trainable tokens",
+    "layer_replication": "layer replication",
+}
+
+# Explicit bases loaded from PEFT remember the flags they came with (written back by to_peft).
+_PEFT_ORIGIN: "weakref.WeakKeyDictionary[_Bases, dict]" = weakref.WeakKeyDictionary()
+
+
+def _peft_draw_dtype() -> torch.dtype:
+    """The dtype PEFT draws dense bases in on this machine: what ``accelerate``'s
+    ``is_bf16_available()`` answers (bfloat16, else float16), asked without importing it."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return torch.bfloat16 if xpu.is_bf16_supported() else torch.float16
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        newer = getattr(mps, "is_macos_or_newer", None)
+        return torch.bfloat16 if newer is None or newer(14, 0) else torch.float16
+    return torch.bfloat16
+
+
+def _peft_regenerate(kind: str, rank: int, key: int, O: int, I: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's bases for ``save_projection=False``: ``A`` ``(r, d_max)``, ``B`` ``(D_max, n_max, r)``.
+
+    The same draws, in the same order and dtype, as ``RandLoraModel._init_randlora_A_randlora_B``
+    (dense) and ``_init_randlora_A_randlora_B_sparse`` (sparse kinds) of PEFT 0.21, from a CPU
+    generator seeded with ``projection_prng_key``; ``(O, I)`` is the element-wise maximum of the
+    targets' ``(out, in)``.
+    """
+    D_max, d_max = max(O, I), min(O, I)
+    n_max = _num_bases(d_max, rank)
+    g = torch.Generator(device="cpu").manual_seed(key)
+    with torch.no_grad():
+        if kind == "dense":
+
+            def draw(shape: tuple[int, ...]) -> torch.Tensor:
+                return nn.init.kaiming_uniform_(torch.empty(shape, dtype=draw_dtype), a=math.sqrt(5), generator=g)
+
+            A = draw((rank, 1, d_max))
+            B = torch.cat([draw((D_max, 1, rank)) for _ in range(n_max)], dim=1)
+        else:
+            sparsity = math.sqrt(d_max) if kind == "very_sparse" else 3
+            uA = torch.rand((rank, 1, d_max), generator=g)
+            uB = torch.rand((D_max, n_max, rank), generator=g)
+
+            def ternary(u: torch.Tensor) -> torch.Tensor:
+                t = torch.zeros(u.shape)
+                t[u < 1 / (2 * sparsity)] = -1
+                t[u > 1 - 1 / (2 * sparsity)] = 1
+                return t
+
+            A, B = ternary(uA), ternary(uB)
+        A, B = A / A.std(), B / B.std()  # in the draw dtype, as PEFT does
+    return A[:, 0].float().contiguous(), B.float().contiguous()
+
+
+def _peft_config(folder: str) -> dict[str, object]:
+    """Read and validate ``adapter_config.json``; return the settings from_peft uses."""
+    file = os.path.join(folder, PEFT_CONFIG_NAME)
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold one JSON object (one adapter), got {type(raw).__name__}")
+    if raw.get("peft_type") != "RANDLORA":
+        raise ValueError(f"{file}: peft_type is {raw.get('peft_type')!r}; from_peft reads only RandLoRA adapters (peft_type 'RANDLORA')")
+    for name, what in _PEFT_REFUSED_FIELDS.items():
+        value = raw.get(name)
+        if value not in (None, [], {}, "", ()):
+            raise ValueError(f"{file}: {name}={value!r} ({what}) is not supported by from_peft")
+    if raw.get("bias", "none") != "none":
+        raise ValueError(f"{file}: bias={raw['bias']!r} is not supported by from_peft (only 'none': biases are not trained)")
+
+    def number(name: str, default: object, kinds: tuple[type, ...]) -> object:
+        v = raw.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, kinds):
+            raise ValueError(f"{file}: {name} must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}")
+        return v
+
+    def flag(name: str, default: bool) -> bool:
+        v = raw.get(name, default)
+        if not isinstance(v, bool):
+            raise ValueError(f"{file}: {name} must be true or false, got {v!r}")
+        return v
+
+    rank = number("r", 32, (int,))
+    alpha = number("randlora_alpha", 640, (int, float))
+    dropout = number("randlora_dropout", 0.0, (int, float))
+    key = number("projection_prng_key", 0, (int,))
+    try:
+        _check_config(rank, 0, alpha, dropout, "dense", "auto")
+    except ValueError as e:
+        raise ValueError(f"{file}: {e} (from r / randlora_alpha / randlora_dropout)") from None
+    try:
+        torch.Generator(device="cpu").manual_seed(key)
+    except (RuntimeError, OverflowError, ValueError) as e:
+        raise ValueError(f"{file}: projection_prng_key={key} is not a valid torch seed: {e}") from None
+    save_projection = flag("save_projection", True)
+    kind = "very_sparse" if flag("very_sparse", False) else "sparse" if flag("sparse", False) else "dense"
+    flag("fan_in_fan_out", False)  # PEFT follows each layer's type (Linear or Conv1D) whatever this says
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            raise ValueError(f"{file}: target_modules='all-linear' is not supported by from_peft; list the module names")
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{file}: target_modules {targets!r} is not a valid regular expression: {e}") from None
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
+        targets = list(targets)
+    else:
+        raise ValueError(f"{file}: target_modules must be a non-empty list of names or a regex string, got {targets!r}")
+    return {
+        "rank": rank,
+        "alpha": float(alpha),
+        "dropout": float(dropout),
+        "key": key,
+        "save_projection": save_projection,
+        "kind": kind,
+        "targets": targets,
+    }
+
+
+def _peft_match(model: nn.Module, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules PEFT would adapt: a list entry matches a name equal to it or ending in
+    ``"." + entry``; a string must match the whole name (``re.fullmatch``)."""
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        hit = lambda n: pattern.fullmatch(n) is not None
+    else:
+        entries = set(targets)
+        hit = lambda n: n in entries or any(n.endswith("." + e) for e in entries)
+    return [(n, m) for n, m in model.named_modules() if n and hit(n)]
+
+
+def _peft_folder(path: str | os.PathLike) -> str:
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise ValueError(f"{folder} is a file; from_peft expects the folder written by PEFT's save_pretrained")
+        raise FileNotFoundError(f"no PEFT adapter folder at {folder}")
+    if not os.path.isfile(os.path.join(folder, PEFT_CONFIG_NAME)):
+        subs = sorted(
+            e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME))
+        )
+        if subs:
+            raise ValueError(
+                f"{folder} holds several PEFT adapters in subfolders ({_short_list(subs, 10)}) and none at its top; "
+                "pass the subfolder of the one adapter to load"
+            )
+        raise ValueError(f"{folder} has no {PEFT_CONFIG_NAME}: not a PEFT adapter folder")
+    if not os.path.isfile(os.path.join(folder, PEFT_WEIGHTS_NAME)):
+        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
+        hint = f" (found {other[0]}: pickle files are not read; re-save with safe_serialization=True)" if other else ""
+        raise ValueError(f"{folder} has no {PEFT_WEIGHTS_NAME}{hint}")
+    return folder
+
+
+def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a Hugging Face PEFT RandLoRA adapter into the plain ``model``, in place.
+
+    ``path`` is the folder written by PEFT's ``save_pretrained`` (``adapter_config.json`` and
+    ``adapter_model.safetensors``); ``model`` has the module names of the model that was given to
+    ``get_peft_model`` (a transformers model, or any ``nn.Module`` built the same way). The
+    targets are found with PEFT's ``target_modules`` rules, wrapped in :class:`RandLoraLinear`
+    (``nn.Linear``, transformers' ``Conv1D`` - ``fan_in_fan_out`` - or linear-like layers) with
+    ``r``, ``randlora_alpha`` and ``randlora_dropout``, and given the file's ``randlora_lambda`` /
+    ``randlora_gamma`` as ``lam`` / ``gam``. Outputs equal ``PeftModel.from_pretrained(model,
+    path)``. The result is a normal randlora model (train, merge, eject); every other parameter is
+    frozen. Save it back with :func:`to_peft` (:func:`save_adapter` refuses its explicit bases).
+
+    Bases: with ``save_projection`` true (PEFT's default) the stored ``randlora_A`` / ``randlora_B``
+    are used, so the adapter loads identically on any machine. With ``save_projection`` false they
+    are regenerated from ``projection_prng_key`` exactly as PEFT 0.21 does: ``sparse`` /
+    ``very_sparse`` bases from float32 ``torch.rand`` draws, dense bases from Kaiming-uniform draws
+    in bfloat16 where ``accelerate.is_bf16_available()`` is true (any CPU-only machine, CUDA GPUs
+    that support bf16) and float16 otherwise. The file does not record which dtype the training
+    machine drew in, so such an adapter can only be reproduced where PEFT would pick the same
+    dtype (and with the same PyTorch random number generators); pass ``draw_dtype``
+    (``torch.bfloat16`` or ``torch.float16``) to choose it explicitly.
+
+    Refused with ``ValueError`` (the model is left exactly as it was; everything is checked
+    before anything changes): another ``peft_type``; ``layers_to_transform``, ``layers_pattern``,
+    ``modules_to_save``, ``rank_pattern``, ``alpha_pattern``, ``exclude_modules``,
+    ``target_parameters``; ``bias`` other than ``"none"``; ``target_modules="all-linear"``; a
+    folder with several adapters in subfolders and none at the top; a model that already has
+    RandLoRA layers; targets that match nothing, are not linear layers or differ from the file's
+    layers; missing or unexpected keys; wrong shapes; non-float, NaN or Inf values; several
+    stored copies of the bases that disagree. A missing folder raises ``FileNotFoundError``.
+
+    Returns:
+        ``model``, adapted.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = _peft_folder(path)
+    cfg = _peft_config(folder)
+    rank, kind = cfg["rank"], cfg["kind"]
+    if draw_dtype is not None and draw_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {draw_dtype!r}")
+    if any(True for _ in _adapted(model)):
+        raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
+
+    # Targets, by PEFT's rules, and the shared bases' size.
+    found = _peft_match(model, cfg["targets"])
+    if not found:
+        raise ValueError(
+            f"{folder}: target_modules {cfg['targets']!r} matches no module of {type(model).__name__}; "
+            f"its linear layers: {_short_list(_linear_names(model))}"
+        )
+    feats: dict[str, tuple[int, int]] = {}
+    for name, m in found:
+        f = _features(m)
+        if f is None:
+            raise ValueError(f"{folder}: target {name!r} is a {type(m).__name__}, not a linear layer (nn.Linear, Conv1D or linear-like)")
+        if any(name.startswith(other + ".") for other in feats):
+            raise ValueError(f"{folder}: targets {name!r} and its parent are both matched by target_modules")
+        feats[name] = f
+    O = max(o for _, o in feats.values())
+    I = max(i for i, _ in feats.values())
+    D_max, d_max = max(O, I), min(O, I)
+    n_max = _num_bases(d_max, rank)
+
+    # Keys.
+    weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    by_layer: dict[str, dict[str, str]] = {}
+    shared: dict[str, str] = {}
+    unexpected = []
+    for k in keys:
+        stem, _, suffix = k.rpartition(".")
+        if suffix in ("randlora_A", "randlora_B") and stem == "base_model":
+            shared[suffix] = k
+        elif suffix in _PEFT_SUFFIXES and stem.startswith(_PEFT_LAYER_PREFIX) and stem[len(_PEFT_LAYER_PREFIX) :] in feats:
+            by_layer.setdefault(stem[len(_PEFT_LAYER_PREFIX) :], {})[suffix] = k
+        else:
+            unexpected.append(k)
+    need = ("randlora_lambda", "randlora_gamma")
+    missing = [f"{_PEFT_LAYER_PREFIX}{n}.{s}" for n in feats for s in need if s not in by_layer.get(n, {})]
+    if cfg["save_projection"]:
+        layer_copies = [n for n in feats if by_layer.get(n, {}).keys() & {"randlora_A", "randlora_B"}]
+        for n in layer_copies:
+            missing += [f"{_PEFT_LAYER_PREFIX}{n}.{s}" for s in ("randlora_A", "randlora_B") if s not in by_layer[n]]
+        if layer_copies and len(layer_copies) != len(feats):
+            missing += [f"{_PEFT_LAYER_PREFIX}{n}.randlora_A/B" for n in feats if n not in layer_copies]
+        if len(shared) == 1:
+            missing.append(f"{_PEFT_SHARED_PREFIX}{({'randlora_A', 'randlora_B'} - set(shared)).pop()}")
+        if not layer_copies and not shared:
+            missing.append("randlora_A and randlora_B (the config says save_projection=true)")
+    else:
+        unexpected += sorted(shared.values())
+        unexpected += sorted(k for n in by_layer for s, k in by_layer[n].items() if s in ("randlora_A", "randlora_B"))
+    if missing or unexpected:
+        stray = [k for k in unexpected if k.startswith(_PEFT_LAYER_PREFIX) and k.rpartition(".")[2] in _PEFT_SUFFIXES]
+        hint = ""
+        if stray:
+            hint = (
+                f"; the file adapts layers that target_modules does not select in {type(model).__name__} "
+                f"(wrong model?), its linear layers: {_short_list(_linear_names(model), 10)}"
+            )
+        raise ValueError(
+            f"{weights} does not fit the model: missing keys {_short_list(sorted(missing), 10)}; "
+            f"unexpected keys {_short_list(sorted(unexpected), 10)}{hint}"
+        )
+
+    # Values.
+    def checked(f, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = f.get_tensor(key)
+        if not t.is_floating_point():
+            raise ValueError(f"{weights}: {key} must be a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {shape}")
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{weights}: {key} contains NaN or Inf values")
+        return t
+
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    A = B = None
+    with safe_open(weights, framework="pt") as f:
+        for name, (i, o) in feats.items():
+            d = min(i, o)
+            n = _num_bases(d, rank)
+            lam = checked(f, by_layer[name]["randlora_lambda"], (rank, n))
+            gam = checked(f, by_layer[name]["randlora_gamma"], (n, d))
+            params[name] = (lam, gam)
+        if cfg["save_projection"]:
+            sources = [shared] if shared else []
+            sources += [by_layer[n] for n in feats if "randlora_A" in by_layer[n]]
+            for src in sources:
+                a = checked(f, src["randlora_A"], (rank, 1, d_max))
+                b = checked(f, src["randlora_B"], (D_max, n_max, rank))
+                if A is None:
+                    A, B = a, b
+                elif not (torch.equal(a, A) and torch.equal(b, B)):
+                    raise ValueError(
+                        f"{weights}: the stored copies of the shared bases differ ({src['randlora_A']} / "
+                        f"{src['randlora_B']} vs the first copy); the file is inconsistent"
+                    )
+            A = A[:, 0]
+    if A is None:
+        A, B = _peft_regenerate(kind, rank, cfg["key"], O, I, draw_dtype or _peft_draw_dtype())
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"{folder}: PEFT's regenerated {kind} bases are degenerate (NaN/Inf) for r={rank}, shape {(O, I)}")
+
+    # Everything is valid: adapt.
+    bases = _Bases(rank, explicit=(A, B))
+    _PEFT_ORIGIN[bases] = {"sparse": kind == "sparse", "very_sparse": kind == "very_sparse", "projection_prng_key": cfg["key"]}
+    modules = dict(found)
+    layers = {n: RandLoraLinear(modules[n], rank, bases, cfg["alpha"], cfg["dropout"], "auto", n) for n in feats}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.lam.copy_(params[name][0])
+            layer.gam.copy_(params[name][1])
+        _replace(model, name, layer)
+    return model
+
+
+def _write_safetensors(path: str, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write ``items`` (float32 CPU tensors; one tensor may appear under several names) as a
+    safetensors file, streaming each tensor's bytes so repeated tensors are never copied."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, t in items:
+        if t.dtype != torch.float32:
+            raise TypeError(f"{key}: expected float32, got {t.dtype}")
+        size = t.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, t in items:
+            f.write(t.contiguous().view(torch.uint8).numpy().data if t.numel() else b"")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s adapter as a Hugging Face PEFT RandLoRA adapter folder.
+
+    ``path`` gets ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's
+    ``save_projection=True`` layout: ``lam`` / ``gam`` as ``randlora_lambda`` / ``randlora_gamma``
+    and the shared bases ``randlora_A`` ``(r, 1, d_max)`` / ``randlora_B`` ``(D_max, n_max, r)``
+    (float32; sized from the element-wise maximum of the targets' ``(out, in)``, as PEFT sizes
+    them, and stored per layer and once at ``base_model.`` like PEFT does), so
+    ``PeftModel.from_pretrained(base, path)`` loads it on any machine and gives the same outputs.
+    ``target_modules`` is a regex of the exact adapted names; ``fan_in_fan_out`` is set when the
+    layers are transformers ``Conv1D``. Each file is written to a temporary file in ``path`` and
+    renamed into place. Under torch.distributed every rank must call this; rank 0 writes.
+
+    The bases make this folder as large as PEFT's own checkpoint: hundreds of times larger than
+    :func:`save_adapter`'s file, which regenerates the bases from the seed (about 10 GB against
+    43 MB for a 1B LLaMA-shaped model at r=32, see ``benchmarks/adapter_size.py``). The tensors are
+    streamed to disk, so the repeated bases take no extra memory.
+
+    Raises ``ValueError`` if the model has no RandLoRA layers, if its layers do not share one rank,
+    alpha, dropout and set of bases, if a layer is not ``nn.Linear`` / ``Conv1D`` (PEFT wraps only
+    those), or for ``very_sparse`` seeded bases on layers of different ``min(in, out)`` (ours use
+    each layer's own sparsity; PEFT's one shared pair cannot express that).
+    """
+    layers = dict(_adapted(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
+    first = next(iter(layers.values()))
+    bases = first._bases
+    drop = lambda m: m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+    for name, m in layers.items():
+        if (m.rank, m.alpha, drop(m)) != (first.rank, first.alpha, drop(first)):
+            raise ValueError(
+                f"layer {name!r} has rank/alpha/dropout {(m.rank, m.alpha, drop(m))} unlike {first.name!r} "
+                f"{(first.rank, first.alpha, drop(first))}; a PEFT adapter has one of each"
+            )
+        same = m._bases is bases or (
+            bases.explicit is None and m._bases.explicit is None and (m._bases.seed, m._bases.kind) == (bases.seed, bases.kind)
+        )
+        if not same:
+            raise ValueError(f"layer {name!r} uses other random bases than {first.name!r}; a PEFT adapter shares one pair")
+        if m.kind == "other":
+            raise ValueError(f"layer {name!r} wraps a {type(m.base).__name__}; PEFT's RandLoRA adapts only nn.Linear and Conv1D")
+    rank = first.rank
+    O = max(m.out_features for m in layers.values())
+    I = max(m.in_features for m in layers.values())
+    D_max, d_max = max(O, I), min(O, I)
+    n_max = _num_bases(d_max, rank)
+    if bases.explicit is not None:
+        A_all, B_all = bases.explicit
+        if A_all.shape[1] < d_max or B_all.shape[0] < D_max or B_all.shape[1] < n_max:
+            raise ValueError(f"the model's explicit bases A {tuple(A_all.shape)}, B {tuple(B_all.shape)} are too small for {(D_max, d_max)}")
+        A, B = A_all[:, :d_max], B_all[:D_max, :n_max]
+        origin = _PEFT_ORIGIN.get(bases, {})
+    else:
+        s = None
+        if bases.kind == "very_sparse":
+            ds = sorted({m.d for m in layers.values()})
+            if len(ds) > 1:
+                raise ValueError(
+                    f"very_sparse bases use each layer's own sparsity sqrt(min(in, out)), and the layers have "
+                    f"min(in, out) in {ds}; PEFT shares one pair of bases with one sparsity, so this adapter "
+                    "cannot be written in PEFT's format"
+                )
+            s = _sparsity("very_sparse", ds[0])
+        A, B, scale = bases._generate(D_max, d_max, s)
+        A, B = _materialize(A, torch.float32, scale), _materialize(B, torch.float32, scale)
+        A, B = A[:, :d_max], B[:D_max, :n_max]
+        origin = {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
+    A = A.detach().to("cpu", torch.float32).reshape(rank, 1, d_max).contiguous()
+    B = B.detach().to("cpu", torch.float32).contiguous()
+
+    items: list[tuple[str, torch.Tensor]] = []
+    for name, m in layers.items():
+        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_lambda", _gather(m.lam.detach()).to("cpu", torch.float32).contiguous()))
+        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_gamma", _gather(m.gam.detach()).to("cpu", torch.float32).contiguous()))
+    if not _is_writer():
+        return
+    for name in layers:
+        items += [(f"{_PEFT_LAYER_PREFIX}{name}.randlora_A", A), (f"{_PEFT_LAYER_PREFIX}{name}.randlora_B", B)]
+    items += [(f"{_PEFT_SHARED_PREFIX}randlora_A", A), (f"{_PEFT_SHARED_PREFIX}randlora_B", B)]
+    alpha = first.alpha
+    config = {
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "fan_in_fan_out": any(m.kind == "conv1d" for m in layers.values()),
+        "inference_mode": True,
+        "init_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "modules_to_save": None,
+        "peft_type": "RANDLORA",
+        "projection_prng_key": origin.get("projection_prng_key", 0),
+        "r": rank,
+        "randlora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "randlora_dropout": drop(first),
+        "revision": None,
+        "save_projection": True,
+        "sparse": origin.get("sparse", False),
+        "very_sparse": origin.get("very_sparse", False),
+        "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")",
+        "task_type": None,
+    }
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        written.append(tmp)
+        _write_safetensors(tmp, items, {"format": "pt"})
+        fd, tmp_cfg = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
+        written.append(tmp_cfg)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(folder, PEFT_WEIGHTS_NAME))
+        os.replace(tmp_cfg, os.path.join(folder, PEFT_CONFIG_NAME))
+    except BaseException:
+        for t in written:
+            with contextlib.suppress(OSError):
+                os.remove(t)
+        raise
