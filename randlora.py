@@ -123,7 +123,7 @@ class _Bases:
     Seeded bases are generated on the CPU in float32 from ``seed`` alone, then cast and moved
     lazily: one copy per (device, dtype), grown when a larger layer asks, shared by every layer.
     Dense bases are uniform with unit variance (``(2u - 1) * sqrt(3)``); sparse kinds are ternary
-    ``{-1, 0, +1} * sqrt(s)`` and are kept as int8 plus one float scale (4x smaller than bf16),
+    ``{-1, 0, +1} * sqrt(s)`` and are kept as int8 plus one float scale (half of bf16),
     rebuilt in the compute dtype only inside a call. Very sparse bases use ``s = sqrt(d)`` of
     the layer asking, so they are cached per distinct ``d``.
 
@@ -227,6 +227,7 @@ def _seeded_bases(rank: int, seed: int, kind: str) -> _Bases:
 
 
 def _materialize(t: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
+    """Bases in ``dtype``: dense ones as they are, int8 ones times their scale (a temporary)."""
     if scale is None:
         return t if t.dtype == dtype else t.to(dtype)
     return t.to(dtype).mul_(scale)
@@ -447,8 +448,9 @@ def _choose_merged(N: int, out_f: int, in_f: int, rn: int, backward: bool) -> bo
     return merged * _MERGED_COST_FACTOR < fact
 
 
-# Multiplies the merged path's count before comparing: > 1 favours factorized. Tuned on an
-# H100 in benchmarks/bench_gpu.py (skinny matmuls of the factorized path run below peak).
+# Multiplies the merged path's count before comparing (> 1 favours factorized). Measured on an
+# H100 (benchmarks/bench.py, crossover table): with the fused kernels the plain counts pick the
+# faster path everywhere but within a few percent of the crossover, so no correction is needed.
 _MERGED_COST_FACTOR = 1.0
 
 
@@ -965,6 +967,22 @@ def _layers_config(layers: dict[str, RandLoraLinear]) -> dict[str, object]:
     return cfg
 
 
+def _temp_file(folder: str) -> str:
+    """A new empty file in ``folder``: same filesystem, so ``os.replace`` onto the target is atomic."""
+    fd, tmp = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Give ``tmp`` the permissions a plain ``open()`` would (mkstemp makes it owner-only) and
+    rename it over ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter to a safetensors file, atomically.
 
@@ -1000,13 +1018,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     }
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = _temp_file(folder)
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1581,19 +1598,18 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
     os.makedirs(folder, exist_ok=True)
     written = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp = _temp_file(folder)
         written.append(tmp)
         _write_safetensors(tmp, items, {"format": "pt"})
-        fd, tmp_cfg = tempfile.mkstemp(prefix=".randlora-", suffix=".tmp", dir=folder)
+        tmp_cfg = _temp_file(folder)
         written.append(tmp_cfg)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp_cfg, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, PEFT_WEIGHTS_NAME))
-        os.replace(tmp_cfg, os.path.join(folder, PEFT_CONFIG_NAME))
+        _publish(tmp, os.path.join(folder, PEFT_WEIGHTS_NAME))
+        _publish(tmp_cfg, os.path.join(folder, PEFT_CONFIG_NAME))
     except BaseException:
         for t in written:
             with contextlib.suppress(OSError):

@@ -153,6 +153,18 @@ def test_overwrite_and_no_layers(tmp_path):
     assert os.listdir(tmp_path) == ["a.safetensors"]
 
 
+def test_saved_file_has_default_permissions(tmp_path):
+    # written through a private temporary file, but readable like any file open() would create
+    umask = os.umask(0o022)
+    try:
+        randlora.save_adapter(adapted(), tmp_path / "a.safetensors")
+        randlora.to_peft(adapted(), tmp_path / "peft")
+    finally:
+        os.umask(umask)
+    for f in [tmp_path / "a.safetensors", *(tmp_path / "peft").iterdir()]:
+        assert os.stat(f).st_mode & 0o777 == 0o644, f
+
+
 # -----------------------------------------------------------------------------
 # 10. Atomic writes
 
