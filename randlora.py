@@ -266,16 +266,16 @@ def _merged_weight(W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, sc
 def _scale_grads_eager(
     dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` from ``dS / scaling`` ``(r*n, d)`` (RANDLORA.md §2).
+    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` from unscaled ``dS`` ``(r*n, d)`` (RANDLORA.md §2).
 
-    One elementwise pass (``dS * A * scaling`` in float32), then two batched matrix-vector
-    products over the bases ``b``, reading it without copies.
+    ``dlam[k, b] = s Σ_j dS[k*n+b, j] A[k, j] gam[b, j]``, ``dgam[b, j] = s Σ_k dS[k*n+b, j] lam[k, b] A[k, j]``,
+    in float32 (float64 for float64 compute): products and sums that inductor fuses under compile.
     """
     acc = torch.float64 if dS.dtype == torch.float64 else torch.float32
     r, n = lam.shape
-    dSA = (dS.view(r, n, -1) * (_as(A, acc) * scaling)[:, None, :]).transpose(0, 1)  # (n, r, d)
-    dlam = torch.bmm(dSA, _as(gam, acc)[:, :, None]).view(n, r).t()
-    dgam = torch.bmm(_as(lam, acc).t()[:, None, :], dSA).view(n, -1)
+    dSA = dS.view(r, n, -1) * (_as(A, acc) * scaling).unsqueeze(1)  # (r, n, d)
+    dlam = (dSA * _as(gam, acc)).sum(-1)
+    dgam = (dSA * _as(lam, acc).unsqueeze(-1)).sum(0)
     return _as(dlam, lam.dtype), _as(dgam, gam.dtype)
 
 
