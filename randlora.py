@@ -490,7 +490,7 @@ class RandLoraLinear(nn.Module):
     Args:
         base: the layer to adapt: ``nn.Linear``, transformers' ``Conv1D`` (weight stored
             ``(in, out)``) or any linear-like module with ``in_features``, ``out_features`` and a
-            forward (e.g. a quantized linear; adapted through the factorized path, not mergeable).
+            forward (e.g. a quantized linear: the adapter runs beside it; not mergeable).
         rank: ``r``, the rank of each random basis; ``1 <= r <= min(in, out)``.
         bases: the shared :class:`_Bases`.
         alpha: ``scaling = alpha / r``.
@@ -528,14 +528,12 @@ class RandLoraLinear(nn.Module):
         self.merged = False
         self.disabled = False
         self._merged_params: tuple[torch.Tensor, torch.Tensor] | None = None
+        # "linear", "conv1d" (weight stored (in, out)) or "other" (linear-like: the adapter runs
+        # beside the base's own forward and never touches its weights)
+        self.kind = "linear" if isinstance(base, nn.Linear) else "conv1d" if _is_conv1d(base) else "other"
         device = _module_device(base)
         self.lam = nn.Parameter(torch.zeros(rank, self.n, dtype=torch.float32, device=device))
         self.gam = nn.Parameter(torch.full((self.n, self.d), 1 / max(self.n, self.d), dtype=torch.float32, device=device))
-
-    @property
-    def kind(self) -> str:
-        """``"linear"``, ``"conv1d"`` or ``"other"`` (linear-like; adapter computed beside it)."""
-        return "linear" if isinstance(self.base, nn.Linear) else "conv1d" if _is_conv1d(self.base) else "other"
 
     @property
     def mergeable(self) -> bool:
@@ -574,7 +572,7 @@ class RandLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bases={self.n}, scaling={self.scaling:g}, kind={self._bases.kind}, path={self.path!r}"
+            f"bases={self.n} ({self._bases.kind}), scaling={self.scaling:g}, path={self.path!r}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

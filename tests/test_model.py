@@ -411,7 +411,7 @@ def test_linear_like_module_in_a_model():
 
 
 def test_llama_smoke():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(
         hidden_size=32,
         intermediate_size=64,

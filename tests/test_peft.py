@@ -19,8 +19,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import randlora  # noqa: E402
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402  (test extras: a missing one must fail, not skip)
+import transformers  # noqa: E402
 from peft import PeftModel, RandLoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.randlora.layer import RandLoraLayer  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
