@@ -117,6 +117,11 @@ def _f32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
+def _covers(hit: tuple | None, D: int, d: int) -> bool:
+    """Whether cached bases ``(A (r, d'), B (D', n', r), scale)`` are large enough for (D, d)."""
+    return hit is not None and hit[1].shape[0] >= D and hit[0].shape[1] >= d
+
+
 class _Bases:
     """The shared random bases of one adapter: ``A`` ``(r, d_max)`` and ``B`` ``(D_max, n_max, r)``.
 
@@ -180,7 +185,7 @@ class _Bases:
         store = torch.int8 if self.compact else dtype
         key = (torch.device(device), store, s)
         hit = self._cache.get(key)
-        if hit is None or hit[1].shape[0] < D or hit[0].shape[1] < d:
+        if not _covers(hit, D, d):
             hit = self._fill(key, D, d, s, device, store)
         A_all, B_all, scale = hit
         n = _num_bases(d, self.rank)
@@ -191,7 +196,7 @@ class _Bases:
         """Generate (or grow) the cached bases under ``key``. Kept out of torch.compile graphs:
         seeded CPU generators cannot be traced, so a compiled model only ever reads the cache."""
         hit = self._cache.get(key)
-        if hit is None or hit[1].shape[0] < D or hit[0].shape[1] < d:
+        if not _covers(hit, D, d):
             if self.explicit is not None:
                 A_all, B_all = self.explicit
                 if A_all.shape[1] < d or B_all.shape[0] < D or B_all.shape[1] < _num_bases(d, self.rank):
@@ -226,20 +231,18 @@ def _seeded_bases(rank: int, seed: int, kind: str) -> _Bases:
     return bases
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skips the dispatch of a no-op .to(): this runs several times per layer and call.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _materialize(t: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
     """Bases in ``dtype``: dense ones as they are, int8 ones times their scale (a temporary)."""
-    if scale is None:
-        return t if t.dtype == dtype else t.to(dtype)
-    return t.to(dtype).mul_(scale)
+    return _as(t, dtype) if scale is None else t.to(dtype).mul_(scale)
 
 
 # -----------------------------------------------------------------------------
 # The autograd function
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Skips the dispatch of a no-op .to(): this runs several times per layer and call.
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _small_basis_eager(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -332,7 +335,7 @@ def _fused(t: torch.Tensor) -> bool:
 
 def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``S`` ``(r*n, d)`` in ``dtype``: ``S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]``."""
-    if not _fused(A) or dtype == torch.float64 or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
+    if not _fused(A) or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
         return _small_basis_eager(lam, gam, A, dtype)
     r, n = lam.shape
     d = gam.shape[1]
@@ -536,6 +539,10 @@ class RandLoraLinear(nn.Module):
         self.gam = nn.Parameter(torch.full((self.n, self.d), 1 / max(self.n, self.d), dtype=torch.float32, device=device))
 
     @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @property
     def mergeable(self) -> bool:
         return self.kind != "other"
 
@@ -692,7 +699,7 @@ def _match(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"targets must be a non-empty list of names, a regex string or a callable; got {targets!r}")
     found, seen = [], set()
     for entry in entries:
-        hits = [(n, m) for n, m in modules if n == entry or n.endswith("." + entry)]
+        hits = [(n, m) for n, m in modules if _name_matches(n, entry)]
         if not hits:
             raise ValueError(
                 f"target {entry!r} matches no module of {type(model).__name__}; "
@@ -703,6 +710,12 @@ def _match(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
                 seen.add(n)
                 found.append((n, m))
     return found
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    """A list entry selects a module whose qualified name equals it or ends with ``"." + entry``
+    (PEFT's rule too)."""
+    return name == entry or name.endswith("." + entry)
 
 
 def _short_list(names: list[str], limit: int = 30) -> str:
@@ -937,9 +950,13 @@ def summary(model: nn.Module) -> str:
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 shards parameters as DTensors: every rank must call this collective.
+    """A parameter's full value as a float32 CPU tensor, for writing to a file.
+
+    FSDP2 shards parameters as DTensors: every rank must call this collective."""
+    t = t.detach()
     full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else t
+    t = full_tensor() if callable(full_tensor) else t
+    return t.to("cpu", torch.float32).contiguous()
 
 
 def _is_writer() -> bool:
@@ -954,7 +971,7 @@ def _layers_config(layers: dict[str, RandLoraLinear]) -> dict[str, object]:
         "alpha": first.alpha,
         "seed": first._bases.seed,
         "bases": first._bases.kind,
-        "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "dropout": first.dropout_p,
     }
     for name, m in layers.items():
         got = (m.rank, m.alpha, m._bases.seed, m._bases.kind)
@@ -999,8 +1016,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     cfg = _layers_config(layers)
     tensors = {}
     for name, m in layers.items():
-        tensors[f"{name}.lam"] = _gather(m.lam.detach()).to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.gam"] = _gather(m.gam.detach()).to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.lam"] = _gather(m.lam)
+        tensors[f"{name}.gam"] = _gather(m.gam)
     if not _is_writer():
         return
     meta = {
@@ -1030,15 +1047,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 def _read_adapter(path: str | os.PathLike) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     """Parse and validate a randlora file's metadata; return (config, tensors)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, ValueError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -1273,8 +1288,7 @@ def _peft_match(model: nn.Module, targets: str | list[str]) -> list[tuple[str, n
         pattern = re.compile(targets)
         hit = lambda n: pattern.fullmatch(n) is not None
     else:
-        entries = set(targets)
-        hit = lambda n: n in entries or any(n.endswith("." + e) for e in entries)
+        hit = lambda n: any(_name_matches(n, e) for e in targets)
     return [(n, m) for n, m in model.named_modules() if n and hit(n)]
 
 
@@ -1517,12 +1531,11 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
     first = next(iter(layers.values()))
     bases = first._bases
-    drop = lambda m: m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
     for name, m in layers.items():
-        if (m.rank, m.alpha, drop(m)) != (first.rank, first.alpha, drop(first)):
+        if (m.rank, m.alpha, m.dropout_p) != (first.rank, first.alpha, first.dropout_p):
             raise ValueError(
-                f"layer {name!r} has rank/alpha/dropout {(m.rank, m.alpha, drop(m))} unlike {first.name!r} "
-                f"{(first.rank, first.alpha, drop(first))}; a PEFT adapter has one of each"
+                f"layer {name!r} has rank/alpha/dropout {(m.rank, m.alpha, m.dropout_p)} unlike {first.name!r} "
+                f"{(first.rank, first.alpha, first.dropout_p)}; a PEFT adapter has one of each"
             )
         same = m._bases is bases or (
             bases.explicit is None and m._bases.explicit is None and (m._bases.seed, m._bases.kind) == (bases.seed, bases.kind)
@@ -1562,8 +1575,8 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
 
     items: list[tuple[str, torch.Tensor]] = []
     for name, m in layers.items():
-        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_lambda", _gather(m.lam.detach()).to("cpu", torch.float32).contiguous()))
-        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_gamma", _gather(m.gam.detach()).to("cpu", torch.float32).contiguous()))
+        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_lambda", _gather(m.lam)))
+        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_gamma", _gather(m.gam)))
     if not _is_writer():
         return
     for name in layers:
@@ -1584,7 +1597,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
         "projection_prng_key": origin.get("projection_prng_key", 0),
         "r": rank,
         "randlora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "randlora_dropout": drop(first),
+        "randlora_dropout": first.dropout_p,
         "revision": None,
         "save_projection": True,
         "sparse": origin.get("sparse", False),

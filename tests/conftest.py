@@ -31,6 +31,19 @@ settings.load_profile("randlora")
 CPU = torch.device("cpu")
 
 
+def tiny_llama(**overrides) -> nn.Module:
+    """A small transformers ``LlamaForCausalLM`` with random weights, built offline; ``overrides``
+    change its ``LlamaConfig`` (defaults: hidden 32, MLP 64, 2 layers, 4 heads, vocab 64)."""
+    import transformers
+
+    cfg = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=64, max_position_embeddings=64,
+    )
+    cfg.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+
+
 # -----------------------------------------------------------------------------
 # Bases and the float64 reference
 

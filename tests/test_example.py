@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import randlora  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
 import train_example  # noqa: E402
 
 METHODS = ("frozen", "LoRA r", "RandLoRA r", "full fine-tuning")
@@ -93,11 +94,7 @@ def _tiny_hf_model(folder: str, text: str) -> None:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tiny_llama(vocab_size=len(vocab), num_key_value_heads=2, max_position_embeddings=128).save_pretrained(folder)
 
 
 def test_hf_model_path(tmp_path, capsys):

@@ -18,6 +18,7 @@ from conftest import (
     base_weight64,
     fresh_tiny,
     randomize_model_,
+    tiny_llama,
     ref_layer_delta,
     snapshot,
 )
@@ -411,18 +412,8 @@ def test_linear_like_module_in_a_model():
 
 
 def test_llama_smoke():
-    import transformers
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(num_key_value_heads=2)
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         logits0 = model(ids).logits

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import randlora  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
 
 import peft  # noqa: E402  (test extras: a missing one must fail, not skip)
 import transformers  # noqa: E402
@@ -52,16 +53,7 @@ class MLP(nn.Module):
 
 
 def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(hidden_size=64, intermediate_size=96, vocab_size=128)
 
 
 def _gpt2() -> nn.Module:

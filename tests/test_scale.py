@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import randlora  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
 
 WORLD = 2
 RANK, SEED = 4, 7
@@ -342,14 +343,8 @@ def test_torch_checkpoint_same_gradients(use_reentrant):
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=64, max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama()
     randlora.inject(model, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], rank=4)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
