@@ -68,7 +68,7 @@ def main() -> None:
         model = build(dtype)
         n_params = sum(p.numel() for p in model.parameters())
         randlora.inject(model, TARGETS, RANK, seed=0)
-        layers = dict(randlora._adapted(model))
+        layers = dict(randlora.named_adapters(model))
         n_layers = len(layers)
         trainable = sum(m.lam.numel() + m.gam.numel() for m in layers.values())
         t = time.perf_counter()

@@ -156,7 +156,7 @@ def make_layer(method: str, in_f: int, out_f: int, rank: int, device: str, dtype
     layer = model.lin
     with torch.no_grad():
         layer.lam.normal_(0, 0.02)
-    layer.path = {"ours (auto)": "auto", "ours (merged)": "merged", "ours (factorized)": "factorized"}[method]
+    layer.strategy = {"ours (auto)": "auto", "ours (merged)": "merged", "ours (factorized)": "factorized"}[method]
     return model
 
 
@@ -292,7 +292,7 @@ def exactness(in_f, out_f, N, path, cfg) -> dict:
     device, dtype, rank = cfg["device"], cfg["dtype"], cfg["rank"]
     torch.manual_seed(2)
     model = One(nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype))
-    randlora.inject(model, ["lin"], rank, path=path)
+    randlora.inject(model, ["lin"], rank, strategy=path)
     layer = model.lin
     with torch.no_grad():
         layer.lam.normal_()
@@ -310,7 +310,7 @@ def exactness(in_f, out_f, N, path, cfg) -> dict:
     yr = xr @ (layer.base.weight.double() + dW).t() + layer.base.bias.double()
     yr.backward(dy.double())
     ref = (yr.detach(), xr.grad, lam.grad, gam.grad)
-    out = dict(in_features=in_f, out_features=out_f, tokens=N, path=path)
+    out = dict(in_features=in_f, out_features=out_f, tokens=N, strategy=path)
     for mode in ("fused", "eager"):
         saved = randlora.triton
         if mode == "eager":
@@ -453,7 +453,7 @@ def main() -> None:
                 mm = bench_layer("ours (merged)", in_f, out_f, N, cfg, timer)["ms"]
                 fm = bench_layer("ours (factorized)", in_f, out_f, N, cfg, timer)["ms"]
                 rn = cfg["rank"] * -(-min(in_f, out_f) // cfg["rank"])
-                pick = "merged" if randlora._choose_merged(N, out_f, in_f, rn, True) else "factorized"
+                pick = "merged" if randlora._prefer_build(N, out_f, in_f, rn, True) else "factorized"
                 faster = "merged" if mm < fm else "factorized"
                 results["crossover"].append(dict(in_features=in_f, out_features=out_f, tokens=N, merged_ms=mm, factorized_ms=fm, auto=pick))
                 save()
@@ -496,7 +496,7 @@ def main() -> None:
         print("| layer | N | path | output fused / eager | input grad | lam grad | gam grad |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for in_f, out_f in cfg["layers"]:
-            for path in ("merged", "factorized"):
+            for path in ("build", "factorized"):
                 N = cfg["tokens"][0]
                 e = exactness(in_f, out_f, N, path, cfg)
                 results.setdefault("exactness", []).append(e)

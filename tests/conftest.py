@@ -2,7 +2,7 @@
 
 The reference update is built here, independently of randlora's own helpers
 (``delta_weight``, ``_small_basis``, ``_merged_weight``): element by element from the index
-formulas of RANDLORA.md §1, in float64. Only the random bases themselves are taken from
+formulas of docs/MATH.md (the update), in float64. Only the random bases themselves are taken from
 randlora (they are random).
 """
 
@@ -104,7 +104,7 @@ def ref_layer_delta(layer: randlora.RandLoraLinear, lam=None, gam=None) -> torch
 
 def base_weight64(layer: randlora.RandLoraLinear) -> torch.Tensor:
     w = layer.base.weight.detach().to(torch.float64)
-    return w if layer.kind == "linear" else w.t()
+    return w if layer.layout == "linear" else w.t()
 
 
 def nonzero_uniform(shape, gen: torch.Generator, lo: float = 0.5, hi: float = 1.5, dtype=torch.float32) -> torch.Tensor:
@@ -123,7 +123,7 @@ def randomize_(layer: randlora.RandLoraLinear, seed: int = 0) -> None:
 
 
 def randomize_model_(model: nn.Module, seed: int = 0) -> None:
-    for i, (_, m) in enumerate(randlora._adapted(model)):
+    for i, (_, m) in enumerate(randlora.named_adapters(model)):
         randomize_(m, seed * 1000 + i)
 
 
@@ -186,7 +186,7 @@ def snapshot(model: nn.Module):
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         [(n, type(m)) for n, m in model.named_modules()],
         [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()],
-        [(n, m.merged, m.disabled) for n, m in randlora._adapted(model)],
+        [(n, m.merged, m.disabled) for n, m in randlora.named_adapters(model)],
     )
 
 
@@ -198,7 +198,7 @@ def assert_unchanged(model: nn.Module, snap) -> None:
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"
     assert [(n, type(m)) for n, m in model.named_modules()] == types, "module structure changed"
     assert [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()] == flags, "requires_grad flags changed"
-    assert [(n, m.merged, m.disabled) for n, m in randlora._adapted(model)] == adapted
+    assert [(n, m.merged, m.disabled) for n, m in randlora.named_adapters(model)] == adapted
 
 
 @pytest.fixture

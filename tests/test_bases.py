@@ -56,7 +56,7 @@ def test_full_rank(shape, seed, value_seed):
     assert torch.linalg.matrix_rank(dW).item() == d
 
     # The library's own ΔW agrees with the reference and is full rank too.
-    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), rank, randlora._Bases(rank, seed), alpha=rank)
+    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), randlora.RandLoraConfig(rank=rank, seed=seed, alpha=rank))
     with torch.no_grad():
         layer.lam.copy_(lam)
         layer.gam.copy_(gam)
@@ -282,23 +282,23 @@ def test_sparse_layer_bit_identical_to_explicit_dense_bases(kind, shape):
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f)
     rank = 3
-    layer = randlora.RandLoraLinear(base, rank, randlora._Bases(rank, 4, kind), alpha=6.0)
+    layer = randlora.RandLoraLinear(base, randlora.RandLoraConfig(rank=rank, seed=4, bases=kind, alpha=6.0))
     randomize_(layer, 2)
     x = torch.randn(2, 5, in_f)
     outs = {}
-    for path in ("factorized", "merged"):
-        layer.path = path
+    for path in ("factorized", "build"):
+        layer.strategy = path
         outs[path] = layer(x)
     A, Bf = layer._bases.dense(layer.D, layer.d)
-    explicit = randlora._Bases(rank, explicit=(A.clone(), Bf.reshape(layer.D, layer.n, rank).clone()))
+    explicit = randlora._StoredBases(rank, A.clone(), Bf.reshape(layer.D, layer.n, rank).clone())
     sparse_bases = layer._bases
     layer._bases = explicit
     assert not explicit.compact
-    for path in ("factorized", "merged"):
-        layer.path = path
+    for path in ("factorized", "build"):
+        layer.strategy = path
         assert torch.equal(layer(x), outs[path]), path
     layer._bases = sparse_bases
     # And the output matches the float64 reference.
     W = base.weight.detach().double()
     ref = x.double() @ (W + ref_layer_delta(layer)).t() + base.bias.detach().double()
-    torch.testing.assert_close(outs["merged"].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(outs["build"].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

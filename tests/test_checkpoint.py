@@ -57,7 +57,7 @@ def test_save_load_bit_identical(tmp_path, bases, into):
     assert out is fresh
     fresh.eval()
     assert torch.equal(fresh(x), y)
-    for n, m in randlora._adapted(fresh):
+    for n, m in randlora.named_adapters(fresh):
         src = model.get_submodule(n)
         assert torch.equal(m.lam, src.lam) and torch.equal(m.gam, src.gam)
         assert (m.rank, m.alpha, m._bases.seed, m._bases.kind) == (2, 7.0, 3, bases)
@@ -85,10 +85,10 @@ def test_file_is_plain_safetensors_with_metadata(tmp_path):
     assert meta == header["__metadata__"]
     assert meta["format"] == "randlora" and meta["format_version"] == randlora.FORMAT_VERSION
     assert int(meta["rank"]) == 3 and float(meta["alpha"]) == 4.5 and int(meta["seed"]) == 11
-    assert meta["bases"] == "dense" and float(meta["dropout"]) == 0.25
+    assert meta["bases"] == "dense"
     layers = json.loads(meta["layers"])
-    assert layers == {n: [m.out_features, m.in_features] for n, m in randlora._adapted(model)}
-    assert layers["embed"] == [8, 6] and layers["head"] == [5, 8]
+    assert layers == {n: [m.out_features, m.in_features, 0.25, "auto"] for n, m in randlora.named_adapters(model)}
+    assert layers["embed"] == [8, 6, 0.25, "auto"] and layers["head"] == [5, 8, 0.25, "auto"]
     # The bases are not stored: the file is tiny.
     assert len(raw) < 8 + header_len + 4 * sum(t.numel() for t in tensors.values()) + 1
 
@@ -353,7 +353,8 @@ def test_load_non_randlora_safetensors(tmp_path):
         (dict(seed="-1"), "seed"),
         (dict(alpha="nan"), "alpha"),
         (dict(bases="gaussian"), "bases"),
-        (dict(dropout="1.5"), "dropout"),
+        (dict(layers='{"embed": [8, 6, 1.5, "auto"], "head": [5, 8, 0.0, "auto"]}'), "dropout"),
+        (dict(layers='{"embed": [8, 6, 0.0, "fast"], "head": [5, 8, 0.0, "auto"]}'), "strategy"),
         (dict(layers="not json"), "metadata"),
         (dict(layers="[1, 2]"), "metadata"),
     ],

@@ -117,18 +117,18 @@ def test_paths_agree(in_f, out_f, N, data):
 def test_layer_paths_agree_float32(shape):
     in_f, out_f = shape
     torch.manual_seed(0)
-    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), 5, randlora._Bases(5, 1), alpha=10.0)
+    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), randlora.RandLoraConfig(rank=5, seed=1, alpha=10.0))
     randomize_(layer, 3)
     x = torch.randn(2, 7, in_f)
     res = {}
-    for path in ("factorized", "merged", "auto"):
-        layer.path = path
+    for path in ("factorized", "build", "auto"):
+        layer.strategy = path
         xx = x.clone().requires_grad_()
         y = layer(xx)
         y.square().sum().backward()
         res[path] = (y.detach(), xx.grad, layer.lam.grad.clone(), layer.gam.grad.clone())
         layer.lam.grad = layer.gam.grad = None
-    for other in ("merged", "auto"):
+    for other in ("build", "auto"):
         for a, b in zip(res["factorized"], res[other]):
             assert_close(a, b, 1e-4, what=other)
 
@@ -137,8 +137,8 @@ def test_layer_paths_agree_float32(shape):
 # The automatic choice
 
 
-def test_choose_merged_cost_model():
-    ch = randlora._choose_merged
+def test_prefer_build_cost_model():
+    ch = randlora._prefer_build
     for backward in (True, False):
         assert ch(16, 4096, 4096, 4096, backward) is False
         assert ch(32768, 4096, 4096, 4096, backward) is True
@@ -153,14 +153,14 @@ def test_choose_merged_cost_model():
 
 def test_auto_path_uses_choice_with_backward_flag(monkeypatch):
     calls = []
-    orig = randlora._choose_merged
+    orig = randlora._prefer_build
 
     def spy(*args):
         calls.append(args)
         return orig(*args)
 
-    monkeypatch.setattr(randlora, "_choose_merged", spy)
-    layer = randlora.RandLoraLinear(nn.Linear(12, 10), 3, randlora._Bases(3, 0), alpha=3.0)
+    monkeypatch.setattr(randlora, "_prefer_build", spy)
+    layer = randlora.RandLoraLinear(nn.Linear(12, 10), randlora.RandLoraConfig(rank=3, seed=0, alpha=3.0))
     x = torch.randn(2, 5, 12)
     layer(x)
     assert calls[-1] == (10, 10, 12, 3 * 4, True)  # lam/gam require grad
@@ -173,7 +173,7 @@ def test_auto_path_uses_choice_with_backward_flag(monkeypatch):
     layer(x.requires_grad_())
     assert calls[-1][-1] is True
     n = len(calls)
-    layer.path = "merged"
+    layer.strategy = "build"
     layer(x)
     assert len(calls) == n  # forced path: no choice made
 
@@ -198,14 +198,14 @@ def _cache_ptrs(layer):
     return {t.untyped_storage().data_ptr() for v in layer._bases._cache.values() for t in v[:2]}
 
 
-@pytest.mark.parametrize("path", ["factorized", "merged", "auto"])
+@pytest.mark.parametrize("path", ["factorized", "build", "auto"])
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64)], ids=str)
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_saved_tensors_only_input_params_and_shared_bases(path, shape, kind):
     in_f, out_f = shape
     N, rank = 4096, 5  # n = 13, r*n = 65: no shape collides with (N, in), (out, in), ...
     torch.manual_seed(0)
-    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), rank, randlora._Bases(rank, 0, kind), alpha=16.0, path=path)
+    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), randlora.RandLoraConfig(rank=rank, seed=0, bases=kind, alpha=16.0, strategy=path))
     randomize_(layer, 0)
     rn = layer.rank * layer.n
     assert rn == 65
@@ -232,7 +232,7 @@ def test_saved_tensors_only_input_params_and_shared_bases(path, shape, kind):
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.lam.grad).all()
 
 
-@pytest.mark.parametrize("path", ["factorized", "merged"])
+@pytest.mark.parametrize("path", ["factorized", "build"])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_saved_tensors_with_dropout(path, x_grad):
     """With dropout in training, the adapter runs on the dropped input, which must be kept: one
@@ -241,7 +241,7 @@ def test_saved_tensors_with_dropout(path, x_grad):
     nothing of size (N, r*n), (r*n, d) or (N, out)."""
     N, in_f, out_f, rank = 4096, 64, 96, 5
     torch.manual_seed(0)
-    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), rank, randlora._Bases(rank, 0), alpha=16.0, dropout=0.1, path=path)
+    layer = randlora.RandLoraLinear(nn.Linear(in_f, out_f), randlora.RandLoraConfig(rank=rank, seed=0, alpha=16.0, dropout=0.1, strategy=path))
     layer.train()
     randomize_(layer, 0)
     rn = layer.rank * layer.n

@@ -22,7 +22,7 @@ from conftest import (
 )
 
 
-def make_layer(in_f, out_f, rank, *, bias=True, seed=0, kind="dense", alpha=None, path="auto", dropout=0.0, dtype=torch.float32):
+def make_layer(in_f, out_f, rank, *, bias=True, seed=0, kind="dense", alpha=None, strategy="auto", dropout=0.0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(in_f, out_f, bias=bias)
     with torch.no_grad():
@@ -31,7 +31,7 @@ def make_layer(in_f, out_f, rank, *, bias=True, seed=0, kind="dense", alpha=None
             base.bias.copy_(torch.randn(out_f, generator=g))
     base.to(dtype)
     alpha = float(rank) * 1.5 if alpha is None else alpha
-    layer = randlora.RandLoraLinear(base, rank, randlora._Bases(rank, seed, kind), alpha, dropout=dropout, path=path, name="layer")
+    layer = randlora.RandLoraLinear(base, randlora.RandLoraConfig(rank=rank, seed=seed, bases=kind, alpha=alpha, dropout=dropout, strategy=strategy), name="layer")
     randomize_(layer, seed + 1)
     return layer
 
@@ -68,14 +68,14 @@ def run(layer, x, dY):
     out_f=st.integers(1, 33),
     lead=st.sampled_from([(), (1,), (5,), (2, 3), (3, 1, 2)]),
     bias=st.booleans(),
-    path=st.sampled_from(["merged", "factorized", "auto"]),
+    path=st.sampled_from(["build", "factorized", "auto"]),
     data=st.data(),
 )
 def test_layer_matches_reference(in_f, out_f, lead, bias, path, data):
     d = min(in_f, out_f)
     rank = data.draw(st.integers(1, d))
     seed = data.draw(st.integers(0, 10_000))
-    layer = make_layer(in_f, out_f, rank, bias=bias, seed=seed, path=path)
+    layer = make_layer(in_f, out_f, rank, bias=bias, seed=seed, strategy=path)
     g = torch.Generator().manual_seed(seed + 7)
     x = torch.randn(*lead, in_f, generator=g)
     dY = torch.randn(*lead, out_f, generator=g)
@@ -92,12 +92,12 @@ def test_layer_matches_reference(in_f, out_f, lead, bias, path, data):
         assert_close(a, e, 2e-5, atol=2e-5 * scale.get(name, 0.0), what=name)
 
 
-@pytest.mark.parametrize("path", ["merged", "factorized", "auto"])
+@pytest.mark.parametrize("path", ["build", "factorized", "auto"])
 @pytest.mark.parametrize("shape", [(40, 24, 5), (24, 40, 5), (24, 24, 7), (37, 19, 4), (19, 37, 6)], ids=str)
 def test_layer_orientations_float64(shape, path):
     """All orientations, ranks that do not divide min(in, out), in float64: tight tolerance."""
     in_f, out_f, rank = shape
-    layer = make_layer(in_f, out_f, rank, path=path).double()
+    layer = make_layer(in_f, out_f, rank, strategy=path).double()
     assert layer.lam.dtype == torch.float64
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, in_f, generator=g, dtype=torch.float64)
@@ -114,8 +114,8 @@ def test_one_dim_and_empty_inputs():
     assert y.shape == (5,)
     ref = reference(layer, x, torch.ones(5))[0]
     assert_close(y, ref, 1e-5)
-    for path in ("merged", "factorized", "auto"):
-        layer.path = path
+    for path in ("build", "factorized", "auto"):
+        layer.strategy = path
         x0 = torch.randn(0, 3, 7, requires_grad=True)
         y0 = layer(x0)
         assert y0.shape == (0, 3, 5)
@@ -129,8 +129,8 @@ def test_non_contiguous_input():
     layer = make_layer(6, 9, 2)
     x = torch.randn(9, 4, 6).transpose(0, 1)  # (4, 9, 6), not contiguous
     dY = torch.randn(4, 9, 9)
-    for path in ("merged", "factorized"):
-        layer.path = path
+    for path in ("build", "factorized"):
+        layer.strategy = path
         for name, a, e in zip(("y", "dx", "dlam", "dgam"), run(layer, x, dY), reference(layer, x, dY)):
             assert_close(a, e, 2e-5, what=name)
 
@@ -140,8 +140,8 @@ def test_base_weight_trainable_gets_full_gradient():
     layer.base.weight.requires_grad_(True)
     layer.base.bias.requires_grad_(True)
     x, dY = torch.randn(5, 8), torch.randn(5, 6)
-    for path in ("merged", "factorized"):
-        layer.path = path
+    for path in ("build", "factorized"):
+        layer.strategy = path
         layer.base.weight.grad = layer.base.bias.grad = None
         layer(x).backward(dY)
         assert_close(layer.base.weight.grad, dY.t() @ x, 1e-5, what="dW")
@@ -166,8 +166,8 @@ def test_dtypes_params_stay_float32_and_output_dtype(dtype):
     lam0, gam0 = layer.lam.detach().clone(), layer.gam.detach().clone()
     assert layer.lam.dtype == layer.gam.dtype == torch.float32
     x = torch.randn(2, 3, 16).to(dtype)
-    for path in ("merged", "factorized"):
-        layer.path = path
+    for path in ("build", "factorized"):
+        layer.strategy = path
         y = layer(x)
         assert y.dtype == dtype
         assert torch.isfinite(y).all()
@@ -181,7 +181,7 @@ def test_dtypes_params_stay_float32_and_output_dtype(dtype):
 def test_model_cast_keeps_adapter_float32_and_values(cast):
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 6))
     randlora.inject(model, ["0", "2"], rank=2)
-    for _, m in randlora._adapted(model):
+    for _, m in randlora.named_adapters(model):
         randomize_(m, 3)
     before = {k: v.clone() for k, v in randlora.adapter_state_dict(model).items()}
     if cast == "bfloat16":
@@ -218,8 +218,8 @@ def test_low_precision_close_to_float32(dtype, tol, shape):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 6, in_f, generator=g).to(dtype).float()  # same values in both runs
     dY = torch.randn(4, 6, out_f, generator=g).to(dtype).float()
-    for path in ("merged", "factorized"):
-        layer32.path = layer_lp.path = path
+    for path in ("build", "factorized"):
+        layer32.strategy = layer_lp.strategy = path
         ref = run(layer32, x, dY)
         got = run(layer_lp, x.to(dtype), dY.to(dtype))
         assert got[0].dtype == dtype and got[1].dtype == dtype
@@ -245,11 +245,11 @@ def test_autocast_bf16_cpu():
 # 7. Dropout
 
 
-@pytest.mark.parametrize("path", ["merged", "factorized"])
+@pytest.mark.parametrize("path", ["build", "factorized"])
 def test_dropout(path):
     p = 0.3
-    layer = make_layer(12, 10, 3, dropout=p, path=path)
-    plain = make_layer(12, 10, 3, dropout=0.0, path=path)
+    layer = make_layer(12, 10, 3, dropout=p, strategy=path)
+    plain = make_layer(12, 10, 3, dropout=0.0, strategy=path)
     with torch.no_grad():
         plain.lam.copy_(layer.lam)
         plain.gam.copy_(layer.gam)
@@ -278,13 +278,13 @@ def test_dropout(path):
 # Linear-like modules and Conv1D
 
 
-@pytest.mark.parametrize("path", ["merged", "factorized", "auto"])
+@pytest.mark.parametrize("path", ["build", "factorized", "auto"])
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
 def test_linear_like_module(path, shape):
     in_f, out_f = shape
     base = Int8Linear(in_f, out_f, seed=3)
-    layer = randlora.RandLoraLinear(base, 3, randlora._Bases(3, 0), alpha=4.5, path=path, name="q")
-    assert layer.kind == "other" and not layer.mergeable
+    layer = randlora.RandLoraLinear(base, randlora.RandLoraConfig(rank=3, seed=0, alpha=4.5, strategy=path), name="q")
+    assert layer.layout == "opaque" and not layer.mergeable
     randomize_(layer, 4)
     x = torch.randn(2, 5, in_f)
     dY = torch.randn(2, 5, out_f)
@@ -313,12 +313,12 @@ def test_conv1d_layer_matches_reference_and_merges():
     conv = Conv1D(nf=10, nx=14)  # in 14, out 10, weight stored (in, out)
     nn.init.normal_(conv.weight, std=0.2)
     nn.init.normal_(conv.bias)
-    layer = randlora.RandLoraLinear(conv, 4, randlora._Bases(4, 2), alpha=8.0, name="c_attn")
-    assert layer.kind == "conv1d" and (layer.in_features, layer.out_features) == (14, 10)
+    layer = randlora.RandLoraLinear(conv, randlora.RandLoraConfig(rank=4, seed=2, alpha=8.0), name="c_attn")
+    assert layer.layout == "conv1d" and (layer.in_features, layer.out_features) == (14, 10)
     randomize_(layer, 1)
     x, dY = torch.randn(3, 14), torch.randn(3, 10)
-    for path in ("merged", "factorized"):
-        layer.path = path
+    for path in ("build", "factorized"):
+        layer.strategy = path
         for name, a, e in zip(("y", "dx", "dlam", "dgam"), run(layer, x, dY), reference(layer, x, dY)):
             assert_close(a, e, 2e-5, what=f"{path} {name}")
     w0 = conv.weight.detach().clone()

@@ -168,13 +168,13 @@ def test_from_peft_matches_peft(case, tmp_path):
         base = run(base_model(kind), x)
         ours = randlora.from_peft(base_model(kind), folder).eval()
         got = run(ours, x)
-    assert all(m.dropout.p == config["randlora_dropout"] for _, m in randlora._adapted(ours)) if "randlora_dropout" in config else True
+    assert all(m.dropout.p == config["randlora_dropout"] for _, m in randlora.named_adapters(ours)) if "randlora_dropout" in config else True
     assert rel(ref, base) > 1e-2, rel(ref, base)  # the adapter really changes the output
     assert_close(got, ref)
-    layers = dict(randlora._adapted(ours))
+    layers = dict(randlora.named_adapters(ours))
     assert layers and all(type(m).__name__ == "RandLoraLinear" for m in layers.values())
     if kind == "gpt2":
-        assert {m.kind for m in layers.values()} == {"conv1d"}
+        assert {m.layout for m in layers.values()} == {"conv1d"}
     # The model is a normal randlora model: only lam/gam train; merge and eject keep the outputs
     # (up to the float32 rounding of adding the update into the weights).
     assert {n.rsplit(".", 1)[-1] for n, p in ours.named_parameters() if p.requires_grad} == {"lam", "gam"}
@@ -184,7 +184,7 @@ def test_from_peft_matches_peft(case, tmp_path):
         randlora.unmerge(ours)
         assert_close(run(ours, x), ref, 1e-4)
         randlora.eject(ours)
-        assert not any(True for _ in randlora._adapted(ours))
+        assert not any(True for _ in randlora.named_adapters(ours))
         assert_close(run(ours, x), ref, 1e-4)
 
 
@@ -194,7 +194,7 @@ def test_from_peft_regenerated_bases_equal_peft_buffers(tmp_path):
         folder = make_peft_adapter("mlp", tmp_path / str(len(extra) and next(iter(extra))), r=7, target_modules=["a", "b"], save_projection=False, **extra)
         pm = peft_load("mlp", folder)
         ours = randlora.from_peft(base_model("mlp"), folder)
-        A, B = ours.a._bases.explicit
+        A, B = ours.a._bases.A, ours.a._bases.B
         assert torch.equal(A, pm.base_model.randlora_A["default"][:, 0].float())
         assert torch.equal(B, pm.base_model.randlora_B["default"].float())
 
@@ -209,7 +209,7 @@ def test_training_after_from_peft_matches_peft_gradients(tmp_path):
     (run(ours, x) * w).sum().backward()
     peft_params = dict(pm.named_parameters())
     checked = 0
-    for name, m in randlora._adapted(ours):
+    for name, m in randlora.named_adapters(ours):
         for mine, theirs in ((m.lam, "randlora_lambda"), (m.gam, "randlora_gamma")):
             ref = peft_params[f"base_model.model.{name}.{theirs}.default"].grad
             assert ref is not None and mine.grad is not None
@@ -241,7 +241,7 @@ def ours_adapted(kind: str, targets, seed: int = 0, **kw) -> nn.Module:
     model = randlora.inject(base_model(kind), targets, **kw)
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
-        for _, m in randlora._adapted(model):
+        for _, m in randlora.named_adapters(model):
             m.lam.copy_(torch.randn(m.lam.shape, generator=g) * 0.2)
             m.gam.copy_(torch.randn(m.gam.shape, generator=g) * 0.01)
     return model.eval()
@@ -267,7 +267,7 @@ def test_to_peft_loads_in_peft(case, tmp_path):
     assert_close(ref, got)
     # PEFT adapted exactly our layers (the regex of exact names), with our lam/gam.
     peft_layers = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, RandLoraLayer)}
-    ours_layers = dict(randlora._adapted(ours))
+    ours_layers = dict(randlora.named_adapters(ours))
     assert peft_layers == set(ours_layers)
     for name, m in ours_layers.items():
         peft_layer = pm.get_submodule(f"base_model.model.{name}")
@@ -291,11 +291,11 @@ def test_round_trip_ours_to_peft_to_ours(case, tmp_path):
     x = batch(kind)
     with torch.no_grad():
         assert_close(run(back, x), run(ours, x))
-    mine, theirs = dict(randlora._adapted(ours)), dict(randlora._adapted(back))
+    mine, theirs = dict(randlora.named_adapters(ours)), dict(randlora.named_adapters(back))
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name].lam, theirs[name].lam) and torch.equal(mine[name].gam, theirs[name].gam)
-        assert mine[name].scaling == theirs[name].scaling and mine[name].kind == theirs[name].kind
+        assert mine[name].scaling == theirs[name].scaling and mine[name].layout == theirs[name].layout
         A1, B1 = mine[name]._bases.dense(mine[name].D, mine[name].d)
         A2, B2 = theirs[name]._bases.dense(theirs[name].D, theirs[name].d)
         assert torch.equal(A1, A2) and torch.equal(B1, B2)
@@ -521,8 +521,8 @@ def test_from_peft_draw_dtype_changes_regenerated_bases(tmp_path):
     # The dense draw depends on the dtype PEFT picked (bf16 where available, else fp16): the file
     # does not say, draw_dtype chooses.
     folder = make_peft_adapter("mlp", tmp_path / "a", r=7, target_modules=["a", "b"], save_projection=False)
-    bf = randlora.from_peft(base_model("mlp"), folder, draw_dtype=torch.bfloat16).a._bases.explicit[0]
-    fp = randlora.from_peft(base_model("mlp"), folder, draw_dtype=torch.float16).a._bases.explicit[0]
-    auto = randlora.from_peft(base_model("mlp"), folder).a._bases.explicit[0]
+    bf = randlora.from_peft(base_model("mlp"), folder, draw_dtype=torch.bfloat16).a._bases.A
+    fp = randlora.from_peft(base_model("mlp"), folder, draw_dtype=torch.float16).a._bases.A
+    auto = randlora.from_peft(base_model("mlp"), folder).a._bases.A
     assert not torch.equal(bf, fp)
     assert torch.equal(auto, bf)  # a CPU-only machine: accelerate.is_bf16_available() is True

@@ -262,7 +262,7 @@ def test_ddp_equals_single_process_and_never_broadcasts_bases(two_ranks):
     # ... each rank generated them itself, after DDP was built, from the seed, and they agree.
     assert got["cache_after_init"] == 0
     assert r0["digest"] == r1["digest"]
-    assert r0["digest"] == bases_digest(randlora._seeded_bases(RANK, SEED, "dense"))
+    assert r0["digest"] == bases_digest(randlora._seeded_bases(randlora.RandLoraConfig(rank=RANK, seed=SEED)))
 
 
 def test_fsdp2_trains_and_save_adapter_writes_from_rank0_only(two_ranks):
@@ -315,7 +315,7 @@ def test_compile_fullgraph_merged_path_compact_bases_after_one_eager_step():
     torch._dynamo.reset()
     model = make_model("sparse", seed=102, blocks=1)
     for m in adapted(model):
-        m.path = "merged"
+        m.strategy = "build"
     x, t = data()
     ye, ge = grads_of(model, x, t)  # warms the bases cache: nothing is left to generate in the graph
     compiled = torch.compile(model, fullgraph=True)  # default backend: inductor (C++ on CPU)
@@ -390,11 +390,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["factorized", "merged"])
+@pytest.mark.parametrize("path", ["factorized", "build"])
 def test_autocast_bf16_with_float32_adapter(device, path):
     model = make_model().to(device)
     for m in adapted(model):
-        m.path = path
+        m.strategy = path
     x, t = (v.to(device) for v in data())
     y32, g32 = grads_of(model, x, t)
     with torch.autocast(device, dtype=torch.bfloat16):
@@ -463,9 +463,9 @@ def _dequantized_twin(qmodel: Net) -> Net:
 def test_int8_linear_like_layer_adapted_beside_its_forward(path):
     qmodel = _quantize(make_model(adapt=False))
     twin = _dequantized_twin(qmodel)
-    randlora.inject(qmodel, TARGETS, RANK, SEED, path=path)
+    randlora.inject(qmodel, TARGETS, RANK, SEED, strategy=path)
     randlora.inject(twin, TARGETS, RANK, SEED)
-    assert all(m.kind == "other" and not m.mergeable for m in adapted(qmodel))
+    assert all(m.layout == "opaque" and not m.mergeable for m in adapted(qmodel))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for mq, mt in zip(adapted(qmodel), adapted(twin)):
@@ -522,13 +522,13 @@ def test_compact_sparse_bases_match_dense_float_version(kind, dtype):
     twin = copy.deepcopy(model)
     for m in adapted(twin):  # the dense float version of exactly these bases, per layer
         A, Bf = m._bases.dense(m.D, m.d, torch.float32)
-        m._bases = randlora._Bases(m.rank, explicit=(A, Bf.view(m.D, m.n, m.rank)))
+        m._bases = randlora._StoredBases(m.rank, A, Bf.view(m.D, m.n, m.rank))
     assert not any(m._bases.compact for m in adapted(twin))
     x, t = data()
     x = x.to(dtype)
-    for path in ("factorized", "merged"):
+    for path in ("factorized", "build"):
         for m in adapted(model) + adapted(twin):
-            m.path = path
+            m.strategy = path
         y0, g0 = grads_of(model, x, t)
         y1, g1 = grads_of(twin, x, t)
         assert torch.equal(y0, y1), path
