@@ -864,6 +864,11 @@ class RandLoraLinear(RandLoraAdapter):
         w.data.copy_((w.data.float() + dW.to(w.device)).to(w.dtype))
 
 
+def _adapt(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig) -> None:
+    """Put an adapter on the (checked) target ``name`` of ``model``, in place."""
+    _replace(model, name, RandLoraLinear(module, config, name))
+
+
 # -----------------------------------------------------------------------------
 # Model-level verbs
 
@@ -964,7 +969,7 @@ def inject(
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in found:
-        _replace(model, name, RandLoraLinear(m, config, name))
+        _adapt(model, name, m, config)
     for _, m in named_adapters(model):  # a second inject keeps the first one's adapters trainable
         m.lam.requires_grad_(True)
         m.gam.requires_grad_(True)
