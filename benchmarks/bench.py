@@ -453,7 +453,7 @@ def main() -> None:
                 mm = bench_layer("ours (merged)", in_f, out_f, N, cfg, timer)["ms"]
                 fm = bench_layer("ours (factorized)", in_f, out_f, N, cfg, timer)["ms"]
                 rn = cfg["rank"] * -(-min(in_f, out_f) // cfg["rank"])
-                pick = "merged" if randlora._prefer_build(N, out_f, in_f, rn, True) else "factorized"
+                pick = "merged" if randlora._prefer_build(N, out_f, in_f, rn) else "factorized"
                 faster = "merged" if mm < fm else "factorized"
                 results["crossover"].append(dict(in_features=in_f, out_features=out_f, tokens=N, merged_ms=mm, factorized_ms=fm, auto=pick))
                 save()

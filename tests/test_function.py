@@ -139,19 +139,30 @@ def test_layer_paths_agree_float32(shape):
 
 def test_prefer_build_cost_model():
     ch = randlora._prefer_build
-    for backward in (True, False):
-        assert ch(16, 4096, 4096, 4096, backward) is False
-        assert ch(32768, 4096, 4096, 4096, backward) is True
-        assert ch(16, 11008, 4096, 4096, backward) is False
-        assert ch(32768, 11008, 4096, 4096, backward) is True
-        assert ch(32768, 4096, 11008, 4096, backward) is True
-        assert ch(0, 64, 64, 64, backward) is False
-    # Monotone in N: once merged, always merged.
-    flags = [ch(N, 1024, 1024, 1024, True) for N in (1, 8, 64, 256, 512, 1024, 2048, 8192)]
+    assert ch(16, 4096, 4096, 4096) is False
+    assert ch(32768, 4096, 4096, 4096) is True
+    assert ch(16, 11008, 4096, 4096) is False
+    assert ch(32768, 11008, 4096, 4096) is True
+    assert ch(32768, 4096, 11008, 4096) is True
+    assert ch(4096, 14336, 4096, 4096) is True  # an 8B MLP at 1x4096: one build beats factorizing
+    assert ch(0, 64, 64, 64) is False
+    # Monotone in N: once built, always built.
+    flags = [ch(N, 1024, 1024, 1024) for N in (1, 8, 64, 256, 512, 1024, 2048, 8192)]
     assert flags == sorted(flags) and flags[0] is False and flags[-1] is True
 
 
-def test_auto_path_uses_choice_with_backward_flag(monkeypatch):
+def test_backward_routes_cost_model():
+    br = randlora._backward_routes
+    # Few tokens: everything through the factors; many tokens: dX through W' and dS from G.
+    assert br(16, 4096, 4096, 4096, False, True, True) == ("factorized", "factorized")
+    assert br(65536, 4096, 4096, 4096, False, True, True) == ("W'", "G")
+    # A W' at hand (checkpoint recompute) is always used for dX.
+    for N in (16, 4096, 65536):
+        assert br(N, 4096, 4096, 4096, True, True, True)[0] == "W'"
+    assert br(4096, 14336, 4096, 4096, True, True, True) == ("W'", "factorized")
+
+
+def test_auto_strategy_uses_the_cost_model(monkeypatch):
     calls = []
     orig = randlora._prefer_build
 
@@ -163,19 +174,14 @@ def test_auto_path_uses_choice_with_backward_flag(monkeypatch):
     layer = randlora.RandLoraLinear(nn.Linear(12, 10), randlora.RandLoraConfig(rank=3, seed=0, alpha=3.0))
     x = torch.randn(2, 5, 12)
     layer(x)
-    assert calls[-1] == (10, 10, 12, 3 * 4, True)  # lam/gam require grad
+    assert calls[-1] == (10, 10, 12, 3 * 4)
     with torch.no_grad():
-        layer(x)
-    assert calls[-1][-1] is False
-    layer.requires_grad_(False)
-    layer(x)
-    assert calls[-1][-1] is False
-    layer(x.requires_grad_())
-    assert calls[-1][-1] is True
+        layer(x[:1])
+    assert calls[-1] == (5, 10, 12, 3 * 4)
     n = len(calls)
     layer.strategy = "build"
     layer(x)
-    assert len(calls) == n  # forced path: no choice made
+    assert len(calls) == n  # forced strategy: no choice made
 
 
 # -----------------------------------------------------------------------------
@@ -195,7 +201,9 @@ def _record_saved(fn):
 
 
 def _cache_ptrs(layer):
-    return {t.untyped_storage().data_ptr() for v in layer._bases._cache.values() for t in v[:2]}
+    """Storages of the shared bases: the cached (A, B) pairs and the per-width sparse A."""
+    shared = [t for v in layer._bases._cache.values() for t in v[:2]] + list(layer._bases._small.values())
+    return {t.untyped_storage().data_ptr() for t in shared}
 
 
 @pytest.mark.parametrize("path", ["factorized", "build", "auto"])
@@ -262,3 +270,101 @@ def test_saved_tensors_with_dropout(path, x_grad):
     assert len({t.untyped_storage().data_ptr() for t in extra}) == (2 if x_grad else 1)
     y.sum().backward()
     assert torch.isfinite(layer.gam.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# 6. Reusing W' = W + s·ΔW: checkpoint recompute and hold_weights (exact, never stale)
+
+
+def _mlp(seed=0, strategy="build"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 16))
+    randlora.inject(model, ["0", "2"], rank=4, seed=1, strategy=strategy)
+    with torch.no_grad():
+        for _, m in randlora.named_adapters(model):
+            m.lam.normal_()
+    return model
+
+
+def _grads(model, x, ckpt=False):
+    model.zero_grad(set_to_none=True)
+    if ckpt:
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    else:
+        out = model(x)
+    (out.square().sum()).backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _kept(model):
+    return [m._memo.entry is not None for _, m in randlora.named_adapters(model)]
+
+
+@pytest.mark.parametrize("strategy", ["build", "auto"])
+def test_checkpoint_recompute_reuses_W_and_gives_the_same_gradients(strategy, monkeypatch):
+    x = torch.randn(3, 50, 24, requires_grad=True)
+    model = _mlp(strategy=strategy)
+    plain_out, plain = _grads(model, x)
+    builds = []
+    orig = randlora._adapted_weight
+    monkeypatch.setattr(randlora, "_adapted_weight", lambda *a: builds.append(1) or orig(*a))
+    ckpt_out, ckpt = _grads(model, x, ckpt=True)
+    assert torch.equal(plain_out, ckpt_out)
+    if strategy == "build":  # same routes: bit for bit; and the recompute's W' served the backward
+        assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+        assert len(builds) == 2 * 2  # per layer: forward and recompute; the backward built none
+    else:
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(plain, ckpt))
+    assert _kept(model) == [False, False]  # handed over once, then dropped
+
+
+def test_nothing_kept_without_checkpointing_or_hold():
+    model = _mlp()
+    x = torch.randn(60, 24)
+    model(x).sum().backward()
+    assert _kept(model) == [False, False]
+    with torch.no_grad(), randlora.hold_weights(model):
+        model(x)
+        assert _kept(model) == [False, False]  # inference builds nothing to keep
+
+
+def test_hold_weights_bitwise_across_accumulation_and_invalidated_by_every_write(tmp_path):
+    torch.manual_seed(0)
+    xs = [torch.randn(70, 24) for _ in range(3)]
+    ref, held = _mlp(), _mlp()
+    opt_r = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    opt_h = torch.optim.AdamW([p for p in held.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        with randlora.hold_weights(held):
+            for x in xs:  # gradient accumulation: one W' per layer for all micro-batches
+                ref(x).square().mean().backward()
+                held(x).square().mean().backward()
+                assert _kept(held) == [True, True]
+            gh = [p.grad.clone() for p in held.parameters() if p.requires_grad]
+            gr = [p.grad.clone() for p in ref.parameters() if p.requires_grad]
+            assert all(torch.equal(a, b) for a, b in zip(gh, gr))
+            opt_r.step(); opt_h.step(); opt_r.zero_grad(); opt_h.zero_grad()
+            # After the optimizer step the kept W' is stale: the next forward must not use it.
+            assert torch.equal(held(xs[0]), ref(xs[0]))
+    # Every other way lam/gam/W change inside a hold: in-place edit, load, merge/unmerge.
+    with randlora.hold_weights(held):
+        held(xs[0]).sum().backward()
+        with torch.no_grad():
+            held[0].lam.mul_(0.5); ref[0].lam.mul_(0.5)
+        assert torch.equal(held(xs[1]), ref(xs[1]))
+        randlora.load_adapter_state_dict(held, randlora.adapter_state_dict(_mlp(seed=5)))
+        randlora.load_adapter_state_dict(ref, randlora.adapter_state_dict(_mlp(seed=5)))
+        assert torch.equal(held(xs[1]), ref(xs[1]))
+        held(xs[2]).sum().backward()
+        randlora.merge(held); randlora.unmerge(held)
+        randlora.merge(ref); randlora.unmerge(ref)
+        assert torch.equal(held(xs[2]), ref(xs[2]))
+    assert _kept(held) == [False, False]  # the context drops what it held
+
+
+def test_hold_weights_budget_holds_layers_in_order():
+    model = _mlp()
+    first = 2 * 24 * 40  # bf16 bytes of layer "0"'s W'
+    with randlora.hold_weights(model, budget_bytes=first):
+        assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [True, False]
+    assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [False, False]

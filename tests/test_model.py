@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -438,3 +440,330 @@ def test_llama_smoke():
     opt.step()
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, logits0)
+
+
+# -----------------------------------------------------------------------------
+# Issue 9: targets, tied and shared weights, modules_to_save; disable and merge together
+
+
+def strong_snapshot(model):
+    """Bitwise values, parameter and module identities, flags, modes, adapter states."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        [(n, id(p), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)],
+        [(n, id(m), type(m), m.training) for n, m in model.named_modules(remove_duplicate=False)],
+        [(n, m.merged, m.disabled, dict(m.__dict__).get("_remerge")) for n, m in randlora.named_adapters(model)],
+    )
+
+
+def assert_same(model, snap):
+    now = strong_snapshot(model)
+    assert list(now[0]) == list(snap[0])
+    for k, v in snap[0].items():
+        assert now[0][k].dtype == v.dtype and torch.equal(now[0][k], v), k
+    assert now[1:] == snap[1:]
+
+
+def refuse(model, call, exc, *patterns):
+    snap = strong_snapshot(model)
+    with pytest.raises(exc) as e:
+        call(model)
+    for p in patterns:
+        assert re.search(p, str(e.value)), (p, str(e.value))
+    assert_same(model, snap)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("targets", [None, 3, 2.5, b"head", {"head": 1}, [], ["head", 3], nn.Linear, iter(["head"])])
+def test_bad_targets_type_names_the_argument(targets):
+    msg = refuse(fresh_tiny(), lambda m: randlora.inject(m, targets, rank=2), TypeError, "targets")
+    assert "list" in msg and "regex" in msg
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*", lambda n, m: True, [""]])
+def test_bare_layer_as_the_model_is_refused(targets):
+    torch.manual_seed(0)
+    refuse(nn.Linear(8, 6), lambda m: randlora.inject(m, targets, rank=2), ValueError, "model itself", "root", "Linear", "nn.Sequential")
+
+
+def test_regex_that_is_a_name_suggests_a_list():
+    msg = refuse(fresh_tiny(), lambda m: randlora.inject(m, "0", rank=2), ValueError, r"targets=\['0'\]", "block.0", "regular expression")
+    assert "block.2" not in msg.split("linear layers:")[0]
+    # A regex matching nothing, and no name either: no hint.
+    msg = refuse(fresh_tiny(), lambda m: randlora.inject(m, "q_proj", rank=2), ValueError, "matched no module")
+    assert "would select" not in msg
+
+
+def test_all_linear_plain_module_and_modules_to_save():
+    # No get_output_embeddings(): every Linear (PEFT does the same); modules to save are left out.
+    model = randlora.inject(fresh_tiny(), "all-linear", rank=2)
+    assert sorted(adapted_names(model)) == sorted(ALL)
+    model = randlora.inject(fresh_tiny(), "ALL-LINEAR", rank=2, modules_to_save=["head"])
+    assert sorted(adapted_names(model)) == ["block.0", "block.2", "embed"]
+    assert isinstance(model.head, randlora.SavedModule)
+    assert not randlora._saved_modules(randlora.inject(fresh_tiny(), ["head"], rank=2, modules_to_save=[]))
+    # A second "all-linear" finds nothing new: the adapters' own base layers are no targets.
+    refuse(model, lambda m: randlora.inject(m, "all-linear", rank=2), ValueError, "selected no module")
+
+
+def test_all_linear_skips_output_embeddings():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    randlora.inject(model, "all-linear", rank=4)
+    names = adapted_names(model)
+    assert "lm_head" not in names and len(names) == 2 * 7
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 6, 6
+        self.inner = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.inner(x) + x
+
+
+@pytest.mark.parametrize("targets", [["outer", "inner"], r"outer(\.inner)?", lambda n, m: n.startswith("outer")])
+def test_target_containing_a_target_refused(targets):
+    model = nn.Sequential(OrderedDict(first=nn.Linear(6, 6), outer=Outer()))
+    refuse(model, lambda m: randlora.inject(m, targets, rank=2), ValueError, r"'outer'", r"'outer\.inner'")
+
+
+class Aliased(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a  # one module, two names
+        self.c = nn.Linear(6, 6)
+        self.d = nn.Linear(6, 6)
+        self.d.weight = self.c.weight  # two modules, one weight
+        self.e = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.e(self.d(self.c(self.b(self.a(x)))))
+
+
+def test_one_module_under_two_names_adapted_once_and_merges():
+    torch.manual_seed(0)
+    model = Aliased()
+    x = torch.randn(4, 6)
+    randlora.inject(model, ["b"], rank=2)
+    assert model.a is model.b and isinstance(model.a, randlora.RandLoraLinear) and model.a.name == "a"
+    assert adapted_names(model) == ["a"]
+    randomize_model_(model, 3)
+    y = model(x).detach()
+    randlora.merge(model)
+    model.eval()
+    assert_close(model(x), y, 1e-5)
+    randlora.eject(model)
+    assert model.a is model.b and type(model.a) is nn.Linear
+    assert_close(model(x), y, 1e-5)
+
+
+@pytest.mark.parametrize("targets", [["c"], ["d"], ["c", "d"]])
+def test_shared_weight_computes_unmerged_and_merge_names_both(targets):
+    torch.manual_seed(0)
+    model = Aliased()
+    x = torch.randn(4, 6)
+    W = model.c.weight.detach().double().clone()
+    randlora.inject(model, targets, rank=2)
+    randomize_model_(model, 4)
+    # Unmerged: each adapted layer is W + its own update; the shared weight itself is untouched.
+    h = x.double()
+    for name in ("a", "b", "c", "d", "e"):
+        layer = getattr(model, name)
+        if isinstance(layer, randlora.RandLoraLinear):
+            h = h @ (W + ref_layer_delta(layer)).t() + layer.base.bias.double()
+        else:
+            h = h @ layer.weight.double().t() + layer.bias.double()
+    assert_close(model(x), h, 1e-5)
+    assert torch.equal(model.c.weight if "c" not in targets else model.c.base.weight, W.float())
+    for verb in (randlora.merge, randlora.eject):
+        refuse(model, verb, ValueError, r"'c(\.base)?\.weight'", r"'d(\.base)?\.weight'", "shared")
+
+
+class Headed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+
+def _headed(**kw):
+    torch.manual_seed(0)
+    return randlora.inject(Headed(), ["body.0", "body.2"], rank=2, **kw)
+
+
+@pytest.mark.parametrize("saved", [["head"], "head", r"he.d", lambda n, m: n == "head"])
+def test_modules_to_save_train_and_disable(saved):
+    torch.manual_seed(0)
+    plain = Headed().eval()
+    model = _headed(modules_to_save=saved).eval()
+    assert isinstance(model.head, randlora.SavedModule) and model.head.name == "head"
+    assert model.head.original is not model.head.trained
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(
+        [f"body.{i}.{p}" for i in (0, 2) for p in ("lam", "gam")] + [f"head.trained.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+    )
+    x = torch.randn(5, 6)
+    randomize_model_(model, 1)
+    with torch.no_grad():
+        for p in model.head.trained.parameters():
+            p.add_(torch.randn_like(p))
+        y = model(x)
+        with randlora.disable(model):
+            assert torch.equal(model(x), plain(x))  # adapters off, the original head
+        assert torch.equal(model(x), y)
+    assert "head (saved in full)" in randlora.summary(model)
+    # Saved modules stay trainable through mark_only_adapter_as_trainable.
+    for p in model.parameters():
+        p.requires_grad_(True)
+    randlora.mark_only_adapter_as_trainable(model)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == trainable
+    # eject: plain modules, the trained head in place, same outputs.
+    randlora.eject(model)
+    assert isinstance(model.head, nn.Sequential) and not list(randlora.named_adapters(model))
+    with torch.no_grad():
+        assert_close(model(x), y, 1e-5)
+
+
+def test_modules_to_save_with_buffers_save_and_load(tmp_path):
+    # A BatchNorm to save: its parameters and its buffers (float running stats, an int64 counter).
+    model = _headed(modules_to_save=["norm", "head"])
+    randomize_model_(model, 2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 6)).square().sum().backward()
+        opt.step()
+    state = randlora.adapter_state_dict(model)
+    assert state["norm.num_batches_tracked"].item() == 2 and state["norm.num_batches_tracked"].dtype == torch.int64
+    assert {"norm.running_mean", "norm.weight", "head.2.bias"} <= set(state)
+    randlora.save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    fresh = randlora.load_adapter(Headed(), tmp_path / "a.safetensors")
+    assert isinstance(fresh.norm, randlora.SavedModule) and isinstance(fresh.head, randlora.SavedModule)
+    for k, v in randlora.adapter_state_dict(fresh).items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    x = torch.randn(4, 6)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+        with randlora.disable(fresh):
+            torch.manual_seed(0)
+            assert torch.equal(fresh(x), Headed().eval()(x))
+    # A state dict that does not fit a saved module is refused, the model unchanged.
+    bad = dict(state)
+    bad["norm.running_mean"] = torch.zeros(3)
+    refuse(fresh, lambda m: randlora.load_adapter_state_dict(m, bad), ValueError, r"norm\.running_mean")
+    bad = {k: v for k, v in state.items() if k != "head.0.weight"}
+    refuse(fresh, lambda m: randlora.load_adapter_state_dict(m, bad), ValueError, r"head\.0\.weight")
+
+
+def test_modules_to_save_second_inject_keeps_them_trainable():
+    model2 = Headed()
+    randlora.inject(model2, ["body.0"], rank=2, modules_to_save=["head"])
+    randlora.inject(model2, ["body.2"], rank=2)
+    assert all(p.requires_grad for p in model2.head.trained.parameters())
+    assert not any(p.requires_grad for p in model2.head.original.parameters())
+    assert model2.body[0].lam.requires_grad and model2.body[2].lam.requires_grad
+
+
+@pytest.mark.parametrize(
+    "targets,saved,patterns",
+    [
+        (["body.0"], ["body.0"], [r"'body\.0'", "both a target and a module to save"]),
+        (["body.0"], ["body"], [r"'body'", r"'body\.0'"]),  # saved contains a target
+        (["head"], ["head.0"], None),  # head is not linear: TypeError first
+        (["head.0"], ["head"], [r"'head'", r"'head\.0'"]),
+        (["body.0"], ["head", "head.2"], [r"'head'", r"'head\.2'"]),  # saved inside saved
+        (["body.0"], [""], ["model itself"]),
+        (["body.0"], ["nothing"], ["modules_to_save", "nothing"]),
+    ],
+)
+def test_modules_to_save_overlaps_refused(targets, saved, patterns):
+    torch.manual_seed(0)
+    model = Headed()
+    exc = TypeError if patterns is None else ValueError
+    refuse(model, lambda m: randlora.inject(m, targets, rank=2, modules_to_save=saved), exc, *(patterns or []))
+
+
+def test_modules_to_save_of_an_adapted_model_refused():
+    model = _headed(modules_to_save=["head"])
+    refuse(model, lambda m: randlora.inject(m, ["head.trained.0"], rank=2), ValueError, "module to save")
+    refuse(model, lambda m: randlora.inject(m, ["head.original.2"], rank=2), ValueError, "module to save")
+    refuse(model, lambda m: randlora.inject(m, ["body.2"], rank=2, modules_to_save=["head"]), ValueError, "already")
+    refuse(model, lambda m: randlora.inject(m, ["head.trained.2"], rank=2), ValueError)
+    model = randlora.inject(Headed(), ["body.0"], rank=2)
+    refuse(model, lambda m: randlora.inject(m, ["body.2"], rank=2, modules_to_save=["body"]), ValueError, r"'body'")
+    refuse(model, lambda m: randlora.inject(m, ["head.0"], rank=2, modules_to_save=["body.0"]), ValueError, r"'body\.0'")
+
+
+# -----------------------------------------------------------------------------
+# merge() / unmerge() inside disable(): the model keeps computing as the base; they choose the
+# state the layers are in when the context ends.
+
+
+@pytest.mark.parametrize("start_merged", [False, True])
+def test_merge_and_unmerge_inside_disable(start_merged):
+    base = fresh_tiny()
+    model = _adapted_tiny()
+    x = torch.randn(3, 6)
+    y_base, y = base(x).detach(), model(x).detach()
+    w0 = _weights(model)
+    model.eval()
+    if start_merged:
+        randlora.merge(model)
+    with torch.no_grad():
+        with randlora.disable(model):
+            y_in = model(x)  # the base, up to the rounding of an earlier merge and unmerge
+            assert_close(y_in, y_base, 1e-5)
+            randlora.merge(model)
+            assert torch.equal(model(x), y_in) and not any(m.merged for _, m in randlora.named_adapters(model))
+            with randlora.disable(model):  # nested
+                randlora.unmerge(model)
+                assert torch.equal(model(x), y_in)
+            assert torch.equal(model(x), y_in)
+            assert not any(m.merged for _, m in randlora.named_adapters(model))
+        # The last call inside (unmerge) decides.
+        assert not any(m.merged or m.disabled for _, m in randlora.named_adapters(model))
+        for n, w in _weights(model).items():
+            assert torch.equal(w, w0[n]) or start_merged
+        assert_close(model(x), y, 1e-5)
+        with randlora.disable(model):
+            randlora.merge(model)
+        assert all(m.merged and not m.disabled for _, m in randlora.named_adapters(model))
+        assert_close(model(x), y, 1e-5)
+        with randlora.disable(model):
+            assert_close(model(x), y_base, 1e-5)
+        randlora.unmerge(model)
+        assert_close(model(x), y, 1e-5)
+
+
+def test_eject_inside_disable_refused():
+    model = _adapted_tiny()
+    with randlora.disable(model):
+        refuse(model, randlora.eject, RuntimeError, "disable")
+
+
+# -----------------------------------------------------------------------------
+# Runtime dependencies: inject, train, save and load without numpy (CI also runs this script in
+# a fresh venv with only torch and `pip install .`).
+
+
+def test_runtime_smoke_without_numpy():
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime_smoke.py")
+    root = os.path.dirname(os.path.dirname(script))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "runtime smoke ok" in done.stdout and "no numpy" in done.stdout

@@ -229,7 +229,8 @@ def test_training_after_from_peft_matches_peft_gradients(tmp_path):
 
 OURS_CASES = {
     "mlp-dense": ("mlp", ["a", "b", "c"], dict(rank=5, seed=3)),
-    "mlp-sparse": ("mlp", ["a", "b"], dict(rank=7, seed=1, bases="sparse", alpha=9.5)),
+    # widths 20 and 30 are multiples of the rank: our sparse A is then one shared prefix, as PEFT needs
+    "mlp-sparse": ("mlp", ["a", "b"], dict(rank=5, seed=1, bases="sparse", alpha=9.5)),
     "llama": ("llama", LLAMA_TARGETS, dict(rank=12, seed=4)),
     "llama-very-sparse": ("llama", LLAMA_TARGETS, dict(rank=16, seed=2, bases="very_sparse")),
     "gpt2": ("gpt2", ["c_attn", "c_fc"], dict(rank=12, seed=0)),
@@ -280,6 +281,15 @@ def test_to_peft_loads_in_peft(case, tmp_path):
     n_max = -(-min(O, I) // kw["rank"])
     assert tensors["base_model.randlora_A"].shape == (kw["rank"], 1, min(O, I))
     assert tensors["base_model.randlora_B"].shape == (max(O, I), n_max, kw["rank"])
+
+
+def test_to_peft_refuses_sparse_bases_peft_cannot_express(tmp_path):
+    # Our sparse A is chosen per layer width (full rank); PEFT slices one A for every layer, which
+    # cannot hold A for widths 20 and 30 (and the 50 it is sized for) at rank 7. Refused, and nothing is written.
+    ours = ours_adapted("mlp", ["a", "b"], rank=7, seed=1, bases="sparse")
+    with pytest.raises(ValueError, match="min\\(in, out\\) = [0-9]+.*save_adapter"):
+        randlora.to_peft(ours, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("case", ["mlp-dense", "mlp-sparse", "llama-very-sparse", "gpt2"])
@@ -349,7 +359,7 @@ def test_to_peft_refusals(tmp_path):
 
     model = nn.Sequential(LinearLike())
     randlora.inject(model, ["0"], 4)
-    with pytest.raises(ValueError, match="only nn.Linear and Conv1D"):
+    with pytest.raises(ValueError, match="only nn.Linear, Conv1D and bitsandbytes"):
         randlora.to_peft(model, tmp_path / "x")
     assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
 

@@ -486,11 +486,13 @@ def test_int8_linear_like_layer_adapted_beside_its_forward(path):
     after = qmodel.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k  # the quantized weights are never touched
+    n_adapted = len(list(adapted(qmodel)))
     with pytest.raises(TypeError, match="cannot merge.*Int8Linear"):
         randlora.merge(qmodel)
     assert not any(m.merged for m in adapted(qmodel))
-    with pytest.raises(TypeError, match="cannot merge"):
+    with pytest.raises(TypeError, match="cannot eject.*Int8Linear"):
         randlora.eject(qmodel)
+    assert len(list(adapted(qmodel))) == n_adapted  # refused before anything was replaced
 
 
 # -----------------------------------------------------------------------------
