@@ -1027,7 +1027,6 @@ BNB_KINDS = ["int8", "nf4", "fp4"]
 
 
 def _bnb(kind, strategy="auto", settled=True):
-    pytest.importorskip("bitsandbytes")
     model = QNet(kind)
     before = copy.deepcopy(model).requires_grad_(False)  # frozen like the adapted model's base
     assert not before.q1.weight.is_floating_point()  # really quantized
