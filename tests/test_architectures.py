@@ -7,7 +7,7 @@ and 4-bit layers.
 
 How the reference is built: a deep copy of the model before inject, in float64; for every
 adapter, ``scaling * ΔW`` from conftest's independent ``ref_delta`` (float64, element by element
-from RANDLORA.md §1, on the adapter's own random bases and lam/gam) is added to the
+from docs/MATH.md#the-update, on the adapter's own random bases and lam/gam) is added to the
 corresponding weight of the copy (transposed for Conv1D's (in, out) layout; MHA's packed
 in_proj_weight is one (3E, E) matrix). Each adapted weight is detached from whatever else shares
 it (a tied head's embedding keeps its value), so the reference is exactly "base plus update
