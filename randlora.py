@@ -926,6 +926,15 @@ class RandLoraAdapter(nn.Module):
             self.reset_parameters()
         return self
 
+    def _refuse_training_merged(self, what: str) -> None:
+        """A merged forward does not use lam/gam: training through it would leave them without a
+        gradient, silently."""
+        if self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
+            raise RuntimeError(
+                f"{what} {self.name!r} is merged: lam/gam are not used by a merged forward and would "
+                "get no gradient. Call randlora.unmerge(model) before training, or model.eval() for inference."
+            )
+
     def adapted(self, W: torch.Tensor) -> torch.Tensor:
         """``W + scaling * ΔW`` for ``W`` ``(out, in)``, in ``W``'s dtype (also under autocast: a
         parent reading it sees the base's dtype), differentiable in ``W``, ``lam`` and ``gam``."""
@@ -1107,11 +1116,7 @@ class RandLoraLinear(RandLoraAdapter):
         if self.disabled:
             return self.base(x)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
-                raise RuntimeError(
-                    f"RandLoraLinear {self.name!r} is merged: lam/gam are not used by a merged forward and would "
-                    "get no gradient. Call randlora.unmerge(model) before training, or model.eval() for inference."
-                )
+            self._refuse_training_merged("RandLoraLinear")
             return self.base(x)
         dt = x.device.type
         dtype = torch.get_autocast_dtype(dt) if _autocasting(dt) else x.dtype
@@ -1224,11 +1229,7 @@ class RandLoraWeight(RandLoraAdapter):
         if self.disabled:
             return W
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
-                raise RuntimeError(
-                    f"RandLoRA weight {self.name!r} is merged: lam/gam are not used by a merged forward and would "
-                    "get no gradient. Call randlora.unmerge(model) before training, or model.eval() for inference."
-                )
+            self._refuse_training_merged("RandLoRA weight")
             return W
         return self.adapted(W)
 
