@@ -2071,6 +2071,17 @@ def _check_tensor(t: object, key: str, source: str) -> torch.Tensor:
     return t
 
 
+def _checked_values(t: object, key: str, source: str, shape: tuple[int, ...], hint: str = "") -> torch.Tensor:
+    """``t`` as a float32 CPU tensor, if it is dense, floating-point, of ``shape`` and finite."""
+    t = _check_tensor(t, key, source)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{source}: {key} has shape {tuple(t.shape)}, expected {shape}{hint}")
+    t = t.detach().to("cpu", torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{source}: {key} contains NaN or Inf values")
+    return t
+
+
 def _check_state(layers: Mapping[str, object], saved: Mapping[str, object], state: object, source: str) -> tuple[dict, dict]:
     """Validate ``state`` against ``layers`` (adapters or shape probes) and ``saved`` modules
     (objects with ``check_file_state``): ``(lam/gam as float32 CPU tensors, {module: its state})``."""
@@ -2078,17 +2089,9 @@ def _check_state(layers: Mapping[str, object], saved: Mapping[str, object], stat
     per_module = _split_state(state, expected, saved, source)
     out = {}
     for key, m in expected.items():
-        t = _check_tensor(state[key], key, source)
         shape = (m.rank, m.n) if key.endswith(".lam") else (m.n, m.d)
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(t.shape)}, expected {shape} for layer {m.name!r} "
-                f"(in={m.in_features}, out={m.out_features}, rank={m.rank})"
-            )
-        t = t.detach().to("cpu", torch.float32)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{source}: {key} contains NaN or Inf values")
-        out[key] = t
+        hint = f" for layer {m.name!r} (in={m.in_features}, out={m.out_features}, rank={m.rank})"
+        out[key] = _checked_values(state[key], key, source, shape, hint)
     return out, {n: s.check_file_state(per_module[n], source) for n, s in saved.items()}
 
 
@@ -3105,15 +3108,7 @@ def _peft_bases_keys(targets: dict, by_layer: dict, shared: dict, save_projectio
 
 def _peft_tensor(f, weights: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     """One checked tensor from an open PEFT file, as float32."""
-    t = f.tensor(key)
-    if not t.is_floating_point():
-        raise ValueError(f"{weights}: {key} must be a floating-point tensor, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {shape}")
-    t = t.to(torch.float32)
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{weights}: {key} contains NaN or Inf values")
-    return t
+    return _checked_values(f.tensor(key), key, weights, shape)
 
 
 def _peft_values(weights: str, targets: dict, by_layer: dict, shared: dict, cfg: dict):
