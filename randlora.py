@@ -423,12 +423,15 @@ def _small_basis_eager(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dt
     return torch.mul(lg, A.unsqueeze(1), out=torch.empty(lg.shape, dtype=dtype, device=lg.device)).flatten(0, 1)
 
 
-def _adapted_weight(W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge_in: bool) -> torch.Tensor:
-    """``W + scaling * ΔW`` ``(out, in)`` in the compute dtype, in one matmul."""
+def _adapted_weight(
+    W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge_in: bool, owned: bool = False
+) -> torch.Tensor:
+    """``W + scaling * ΔW`` ``(out, in)`` in the compute dtype, in one matmul; into ``W`` itself
+    when the caller ``owned`` it (a dequantized copy), else into a new tensor."""
     lhs, rhs = (Bf, S) if out_ge_in else (S.t(), Bf.t())
     if W is None:
         return torch.mm(lhs, rhs).mul_(scaling)
-    return torch.addmm(W, lhs, rhs, alpha=scaling)
+    return W.addmm_(lhs, rhs, alpha=scaling) if owned else torch.addmm(W, lhs, rhs, alpha=scaling)
 
 
 def _scale_grads_eager(
@@ -582,25 +585,30 @@ class RandLoraFunction(torch.autograd.Function):
     in ``memo`` by a checkpoint recompute is used instead of being built again. Saved tensors are
     only ``x``, ``W``, ``lam``, ``gam`` and the (shared) bases.
 
-    Shapes: ``x`` (N, in), ``W`` (out, in) or None (the adapter's term alone: the caller runs the
-    base itself), ``bias`` (out,) or None, ``lam`` (r, n), ``gam`` (n, d), ``A`` (r, d),
+    Shapes: ``x`` (N, in), ``W`` (out, in), or a function that returns it (a quantized base's
+    weight, dequantized when needed and never saved), or None (the adapter's term alone: the
+    caller runs the base itself), ``bias`` (out,) or None, ``lam`` (r, n), ``gam`` (n, d), ``A`` (r, d),
     ``Bf`` (D, n*r) -> ``y`` (N, out).
     """
 
     @staticmethod
     def forward(ctx, x, W, bias, lam, gam, A, Bf, bases_scale, scaling, out_ge_in, build, free=False, memo=None, key=None, keep=False):
         dtype = x.dtype
+        unpack, W = (W, None) if callable(W) else (None, W)
         A_, Bf_ = _materialize(A, dtype, bases_scale), _materialize(Bf, dtype, bases_scale)
         if build:
             Wp = memo.get(key) if memo is not None else None
             if Wp is None:
-                Wp = _adapted_weight(W, _small_basis(lam, gam, A_, dtype), Bf_, scaling, out_ge_in)
+                S = _small_basis(lam, gam, A_, dtype)
+                Wp = _adapted_weight(unpack() if unpack else W, S, Bf_, scaling, out_ge_in, owned=unpack is not None)
                 if keep:
                     memo.entry = (key, Wp)
             y = F.linear(x, Wp, bias)
             del Wp
         else:
-            y = F.linear(x, W, bias) if W is not None else None
+            Wb = unpack() if unpack else W
+            y = F.linear(x, Wb, bias) if Wb is not None else None
+            del Wb
             if out_ge_in:  # (x S^T) Bf^T: S carries lam and gam, so x S^T is already small
                 lhs, rhs = x @ _small_basis(lam, gam, A_, dtype).t(), Bf_.t()
             else:  # (x Bf) S with lam moved onto Bf's columns: x Bf alone overflows fp16 sooner than x W^T
@@ -612,7 +620,7 @@ class RandLoraFunction(torch.autograd.Function):
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
         ctx.has_bias = bias is not None
         ctx.bases_scale, ctx.scaling, ctx.out_ge_in, ctx.build, ctx.free = bases_scale, scaling, out_ge_in, build, free
-        ctx.memo, ctx.key = memo, key
+        ctx.memo, ctx.key, ctx.unpack = memo, key, unpack
         return y
 
     @staticmethod
@@ -632,9 +640,11 @@ class RandLoraFunction(torch.autograd.Function):
         else:
             dx_route, ds_route = ("W'", "G") if ctx.build else ("factorized", "factorized")
         S = _small_basis(lam, gam, A_, dtype) if need_S or (need_x and (dx_route == "factorized" or Wp is None)) else None
+        if ctx.unpack is not None and need_x and (dx_route == "factorized" or Wp is None):
+            W = ctx.unpack()  # a quantized base's W, dequantized again rather than kept
         dX = dS = G = None
         if need_x and dx_route == "W'":
-            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, s, out_ge_in))
+            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, s, out_ge_in, owned=ctx.unpack is not None))
         del Wp
         if need_S and ds_route == "G":
             G = dY.t() @ x  # (out, in): full fine-tuning's weight gradient
@@ -781,28 +791,54 @@ def _plain_weight(w: object) -> bool:
     return plain_type and w.is_floating_point() and w.dim() == 2
 
 
+def _bnb_4bit_forward(module: nn.Module) -> bool:
+    """Whether ``module`` computes as bitsandbytes' ``Linear4bit`` does (nf4 or fp4, its own
+    subclasses included): ``x W^T + b`` with ``W`` its dequantized weight, in its compute dtype."""
+    for c in type(module).__mro__:
+        if c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes"):
+            return type(module).forward is c.forward and type(module.weight).__name__ == "Params4bit"
+    return False
+
+
 def _layout(module: nn.Module) -> str:
     """How the adapter meets the base layer's weight:
 
     * ``"linear"``: an ``nn.Linear`` whose weight is a plain floating ``(out, in)`` tensor and
       whose forward is ``nn.Linear``'s: the base matmul runs inside :class:`RandLoraFunction`.
     * ``"conv1d"``: transformers' ``Conv1D``, the same with the weight stored ``(in, out)``.
-    * ``"opaque"``: anything else (bitsandbytes 8-bit and 4-bit layers, a parametrized weight,
-      forward pre-hooks, a subclass with its own forward): its own forward runs, the adapter's term
-      is added beside it, and its weight is never written (not mergeable).
+    * ``"4bit"``: bitsandbytes' ``Linear4bit``: the build strategy dequantizes ``W`` (as
+      bitsandbytes itself does for many tokens) and adds ``s·ΔW`` to that copy; the factorized
+      strategy runs the layer's own forward with the adapter's term beside it. Never written.
+    * ``"opaque"``: anything else (bitsandbytes 8-bit layers, whose forward also quantizes the
+      input; a parametrized weight; forward pre-hooks; a subclass with its own forward): its own
+      forward runs, the adapter's term is added beside it, and its weight is never written.
 
     Decided by what the weight is, not by the module's class: bitsandbytes' layers subclass
     ``nn.Linear``.
     """
-    if not _plain_weight(getattr(module, "weight", None)) or parametrize.is_parametrized(module):
-        return "opaque"
-    if module._forward_pre_hooks:
+    if parametrize.is_parametrized(module) or module._forward_pre_hooks:
         # A pre-hook may set the weight (the old hook-based weight_norm recomputes it from
         # weight_g/weight_v before every forward, FSDP2 unshards it): only its own forward computes.
         return "opaque"
+    if not _plain_weight(getattr(module, "weight", None)):
+        return "4bit" if _bnb_4bit_forward(module) else "opaque"
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         return "linear"
     return "conv1d" if _is_conv1d(module) else "opaque"
+
+
+def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
+    """For a ``"4bit"`` base: a function that returns its ``W`` ``(out, in)`` dequantized to
+    ``dtype`` (a new tensor each call, as bitsandbytes' own forward makes for many tokens), or
+    None where only the layer's own forward computes: no quant_state, the weight repacked for
+    bitsandbytes' CPU inference kernel, or a compute dtype other than ``dtype``."""
+    w = module.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or getattr(module, "compute_dtype", None) not in (None, dtype):
+        return None
+    from bitsandbytes.functional import dequantize_4bit  # the layer is bitsandbytes': it is installed
+
+    return lambda: _as(dequantize_4bit(w, qs), dtype)
 
 
 def _autocasting(device_type: str) -> bool:
@@ -1100,7 +1136,7 @@ class RandLoraLinear(RandLoraAdapter):
 
     @property
     def mergeable(self) -> bool:
-        return self.layout != "opaque"
+        return self.layout in ("linear", "conv1d")
 
     def _weight(self) -> torch.Tensor:
         """The base weight as ``(out, in)`` (a view for Conv1D)."""
@@ -1128,11 +1164,13 @@ class RandLoraLinear(RandLoraAdapter):
         build = self.strategy == "build" or (auto and _prefer_build(x2.shape[0], self.out_features, self.in_features, self.rank * self.n))
         out_ge_in = self.out_features >= self.in_features
         # Dropout makes the adapter's input differ from the base's: then the base runs on its own.
-        with_base = self.layout != "opaque" and (isinstance(self.dropout, nn.Identity) or not self.training)
+        # A 4-bit base is dequantized only to build W' (bitsandbytes' own forward is faster for few tokens).
+        unpack = _dequantizer(self.base, dtype) if self.layout == "4bit" and build else None
+        with_base = (self.layout in ("linear", "conv1d") or unpack is not None) and (isinstance(self.dropout, nn.Identity) or not self.training)
         memo, key, keep = self._memo_for(build and backward, with_base, dtype)
         with torch.autocast(dt, enabled=False) if dtype is not x.dtype else contextlib.nullcontext():
             if with_base:
-                W = _as(self._weight(), dtype)
+                W = unpack if unpack is not None else _as(self._weight(), dtype)
                 b = self.base.bias
                 b = _as(b, dtype) if b is not None else None
                 y = RandLoraFunction.apply(
@@ -1158,7 +1196,7 @@ class RandLoraLinear(RandLoraAdapter):
         Each read builds ``W'`` (one ``(out, in)`` matmul; parents may read it several times a
         call): inside :func:`hold_weights` it is built once until lam/gam/W change; for
         inference, :func:`merge`."""
-        shown = "adapted" if self.layout != "opaque" else _shown_weight(self.base)
+        shown = "adapted" if self.mergeable else _shown_weight(self.base)
         if shown == "base":
             return self.base.weight
         if shown is None:
@@ -1320,7 +1358,7 @@ def _shown_weight(module: nn.Module) -> str | None:
     ``"base"`` (packed integers, as they are: nothing can compute with them, T5 reads their dtype)
     or None (a float weight behind a forward of its own, or a float tensor subclass: there is no
     adapted weight to show, and showing the base's would let a reader skip the adapter)."""
-    if _layout(module) != "opaque":
+    if _layout(module) in ("linear", "conv1d"):
         return "adapted"
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
@@ -3270,7 +3308,7 @@ def _peft_check_layers(layers: dict[str, RandLoraAdapter]) -> RandLoraAdapter:
         )
         if not same:
             raise ValueError(f"layer {name!r} uses other random bases than {first.name!r}; a PEFT adapter shares one pair")
-        if m.layout == "opaque" and not _peft_wraps(m.base):
+        if not m.mergeable and not _peft_wraps(m.base):
             raise ValueError(
                 f"layer {name!r} wraps a {type(m.base).__name__}; PEFT's RandLoRA adapts only nn.Linear, Conv1D "
                 "and bitsandbytes' Linear8bitLt / Linear4bit"

@@ -231,13 +231,19 @@ def make_step(model, method: dict, conf: dict, device: str):
     ids = torch.randint(0, vocab, (conf["batch"], conf["seq"]), generator=g).to(device)
     hold = impl_module(method["kind"]).hold_weights if method["mode"] == "hold" else None
 
-    def step():
+    def step(phases: list | None = None):
+        # phases (CUDA, untimed): the peak of forward + loss, then of backward + optimizer step
         with hold(model) if hold is not None else contextlib.nullcontext():
             loss = model(input_ids=ids, labels=ids).loss
+            if phases is not None:
+                phases.append(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
             loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if phases is not None:
+            phases.append(torch.cuda.max_memory_allocated())
 
     return step, params, opt
 
@@ -271,6 +277,11 @@ def run_one(method: dict, conf: dict, args, device: str, dtype: torch.dtype) -> 
         torch.cuda.synchronize()
         times = [a.elapsed_time(b) for a, b in ev]
         rec["peak_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        phases: list[int] = []
+        step(phases)  # after the timed steps: where the peak is (forward + loss, or backward)
+        torch.cuda.synchronize()
+        rec["peak_forward_bytes"], rec["peak_backward_bytes"] = phases
     else:
         for _ in range(args.steps):
             h0 = time.perf_counter()
@@ -433,6 +444,7 @@ def summarize(runs: list[dict], configs: list[dict], methods: list[dict]) -> lis
                 row.update(
                     median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms),
                     peak_gb=max(pk) / 1e9 if pk else None, host_ms=statistics.median(r["host_ms"] for r in ok),
+                    phases_gb=[max(r[k] for r in ok) / 1e9 for k in ("peak_forward_bytes", "peak_backward_bytes")] if pk else None,
                     trainable=ok[0]["trainable"], dtypes=ok[0]["dtypes"],
                 )
                 if lora and m["name"] != "lora":
@@ -447,20 +459,21 @@ def summarize(runs: list[dict], configs: list[dict], methods: list[dict]) -> lis
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| config | method | runs | median ms | range ms | peak GB | host ms | ours/LoRA step | verdict | peak/LoRA |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| config | method | runs | median ms | range ms | peak GB | peak fwd / bwd GB | host ms | ours/LoRA step | verdict | peak/LoRA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "median_ms" not in r:
             err = (r["errors"][0] if r["errors"] else "no run")[:90]
-            print(f"| {r['config']} | {r['method']} | 0 | — | — | — | — | — | {err} | — |")
+            print(f"| {r['config']} | {r['method']} | 0 | — | — | — | — | — | — | {err} | — |")
             continue
         v = r.get("vs_lora")
         ratio = f"{v:.2f} ({r['vs_lora_range'][0]:.2f}–{r['vs_lora_range'][1]:.2f})" if v else "—"
         verdict = ("separated" if r["separated"] else "within noise") if v else ""
         pk = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "—"
         pv = f"{r['peak_vs_lora']:.3f}" if r.get("peak_vs_lora") else "—"
+        ph = " / ".join(f"{v:.2f}" for v in r["phases_gb"]) if r.get("phases_gb") else "—"
         print(
-            f"| {r['config']} | {r['method']} | {r['runs']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | {pk} | "
+            f"| {r['config']} | {r['method']} | {r['runs']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | {pk} | {ph} | "
             f"{r['host_ms']:.1f} | {ratio} | {verdict} | {pv} |"
         )
 

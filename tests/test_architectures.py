@@ -1046,10 +1046,27 @@ def settle(model: nn.Module) -> nn.Module:
     return model.train(was)
 
 
+def _dequantized(layer: nn.Module) -> torch.Tensor | None:
+    """A 4-bit layer's W as bitsandbytes dequantizes it (float64), before any repacking; None for 8-bit."""
+    import bitsandbytes.functional as bnbf
+
+    qs = getattr(layer.weight, "quant_state", None)
+    return None if qs is None else bnbf.dequantize_4bit(layer.weight, qs).double()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("kind", BNB_KINDS)
 def test_bnb_forward_is_base_plus_update(kind, strategy):
+    """y = base(x) + s·x ΔW^T. The 8-bit layer always runs its own forward (it quantizes x too);
+    a 4-bit layer under the build strategy is dequantized instead, as bitsandbytes does for many
+    tokens: then y = x (W + s·ΔW)^T + b with W its dequantized weight, against float64, while the
+    4-bit layer of the plain model runs bitsandbytes' own CPU kernel (repacked weight)."""
     model, before = _bnb(kind, strategy, settled=False)
+    W_deq = {name: _dequantized(m) for name, m in before.named_children() if name in ("q1", "q2")}
+    dequantizes = kind != "int8" and strategy == "build"
+    own_calls = []
+    for name in ("q1", "q2"):
+        model.get_submodule(name).base.register_forward_hook(lambda *a: own_calls.append(1))
     g = torch.Generator().manual_seed(4)
     # The whole model trains: gradients reach q1's adapter through q2's quantized base.
     model.train()
@@ -1068,9 +1085,13 @@ def test_bnb_forward_is_base_plus_update(kind, strategy):
             lam = ad.lam.detach().double().requires_grad_()
             gam = ad.gam.detach().double().requires_grad_()
             with torch.set_grad_enabled(grad):
+                own_calls.clear()
                 got = ad(x)
+                assert bool(own_calls) != dequantizes, f"{kind} {name}: the layer's own forward ran: {bool(own_calls)}"
                 delta = ad.scaling * x.double() @ ref_delta(A, B, lam, gam, ad.out_features, ad.in_features).t()
                 plain = before.get_submodule(name)(x)
+            if dequantizes:
+                plain = x.double() @ W_deq[name].t() + before.get_submodule(name).bias.double()
             want = plain.double() + delta
             assert got.dtype == torch.float32
             assert rel_err(want, plain) > MIN_EFFECT

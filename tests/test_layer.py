@@ -476,7 +476,7 @@ def test_bitsandbytes_base_runs_its_own_forward(kind, path):
     adapter beside it: y == base(x) + s·x ΔW^T exactly up to float32 rounding of the update; its
     .weight is the packed weight as it is; merge is refused naming the layer, weight untouched."""
     q = _bnb_layer(kind, 64, 128)
-    assert isinstance(q, nn.Linear) and randlora._layout(q) == "opaque"
+    assert isinstance(q, nn.Linear) and randlora._layout(q) == ("opaque" if kind == "int8" else "4bit")
     layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy=path), name="q1")
     randomize_(layer, 1)
     assert layer.weight is q.weight
@@ -504,6 +504,84 @@ def test_bitsandbytes_base_runs_its_own_forward(kind, path):
     with pytest.raises(TypeError, match="'q1'"):
         layer.merge()
     assert not layer.merged and torch.equal(q.weight, packed)
+
+
+def _record_saved(fn):
+    """``fn()`` and every tensor autograd saved for backward while it ran."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved
+
+
+def _unpacked_4bit(kind: str, in_f: int, out_f: int):
+    """A bitsandbytes Linear4bit quantized on the CPU and never called: its weight is not repacked
+    for the CPU inference kernel, so it can be dequantized (as on a GPU)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(5)
+    lin = nn.Linear(in_f, out_f)
+    q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
+    q.load_state_dict(lin.state_dict())
+    return q.to("cpu")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkeypatch):
+    """The build strategy on a 4-bit base: y = x (dequantize(W) + s·ΔW)^T + b against float64, and
+    dx/dlam/dgam against float64 autograd. The layer's own forward never runs; the dequantized W
+    is never kept for backward (rebuilt there, or handed over by a checkpoint recompute: one
+    dequantization per forward), and the packed weight is untouched. Checkpointed gradients are
+    bitwise those of the plain step."""
+    import bitsandbytes.functional as bnbf
+    from torch.utils.checkpoint import checkpoint
+
+    in_f, out_f = 128, 64  # W (64, 128) has a shape no other saved tensor has
+    q = _unpacked_4bit(kind, in_f, out_f)
+    layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy="build"), name="q4")
+    assert layer.layout == "4bit" and not layer.mergeable
+    randomize_(layer, 2)
+    packed = q.weight.detach().clone()
+    W64 = bnbf.dequantize_4bit(q.weight, q.weight.quant_state).double()
+    real, calls = bnbf.dequantize_4bit, []
+    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q.register_forward_hook(lambda *a: pytest.fail("the 4-bit layer's own forward ran"))
+    x = torch.randn(3, 5, in_f, requires_grad=True)
+    dY = torch.randn(3, 5, out_f)
+    A, B = layer_bases64(layer)
+    lam = layer.lam.detach().double().requires_grad_()
+    gam = layer.gam.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    want = x64 @ (W64 + layer.scaling * ref_delta(A, B, lam, gam, out_f, in_f)).t() + q.bias.double()
+    want.backward(dY.double())
+    y, saved = _record_saved(lambda: checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x))
+    assert not [t for t in saved if tuple(t.shape) == (out_f, in_f)], "a dequantized W was kept for backward"
+    y.backward(dY)
+    assert len(calls) == 2  # forward + (checkpoint recompute | backward's own W')
+    assert_close(y, want, 1e-5, what=f"{kind} y")
+    for got, ref, what in ((x.grad, x64.grad, "dx"), (layer.lam.grad, lam.grad, "dlam"), (layer.gam.grad, gam.grad, "dgam")):
+        assert_close(got, ref, 1e-5, what=f"{kind} {what}")
+    assert torch.equal(q.weight, packed)
+    grads = [t.grad.clone() for t in (x, layer.lam, layer.gam)]
+    x.grad = layer.lam.grad = layer.gam.grad = None
+    (checkpoint(layer, x, use_reentrant=False) if not checkpointed else layer(x)).backward(dY)
+    assert all(torch.equal(g, t.grad) for g, t in zip(grads, (x, layer.lam, layer.gam)))
+
+
+def test_4bit_base_runs_its_own_forward_when_it_must():
+    """Where bitsandbytes computes differently from dequantize-then-multiply (its CPU inference
+    kernel's repacked weight), or in another dtype than the input's (its compute_dtype), the
+    layer's own forward runs with the adapter beside it."""
+    q = _unpacked_4bit("nf4", 64, 64)
+    assert randlora._dequantizer(q, torch.float32) is not None
+    assert randlora._dequantizer(q, torch.bfloat16) is None  # compute_dtype float32
+    q.weight.quant_state.packing_format_for_cpu = True
+    assert randlora._dequantizer(q, torch.float32) is None
 
 
 # -----------------------------------------------------------------------------
@@ -751,7 +829,7 @@ def test_hold_weights_builds_mha_weights_once(monkeypatch):
 
     builds = []
     real = randlora._adapted_weight
-    monkeypatch.setattr(randlora, "_adapted_weight", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setattr(randlora, "_adapted_weight", lambda *a, **k: builds.append(1) or real(*a, **k))
     y0, g0 = step()
     assert len(builds) >= 4  # unheld: MHA reads in_proj_weight three times in training
     with randlora.hold_weights(model):
