@@ -156,7 +156,7 @@ def make_layer(method: str, in_f: int, out_f: int, rank: int, device: str, dtype
     layer = model.lin
     with torch.no_grad():
         layer.lam.normal_(0, 0.02)
-    layer.strategy = {"ours (auto)": "auto", "ours (merged)": "merged", "ours (factorized)": "factorized"}[method]
+    layer.strategy = {"ours (auto)": "auto", "ours (build)": "build", "ours (factorized)": "factorized"}[method]
     return model
 
 
@@ -220,9 +220,9 @@ def host_overhead(in_f, out_f, N, cfg, reps: int = 200) -> dict:
     for method in ["frozen base", "PEFT LoRA r", "ours (auto)", "ours (eager)"]:
         model = make_layer("ours (auto)" if method == "ours (eager)" else method, in_f, out_f, cfg["rank"], device, dtype)
         x = torch.randn(N, in_f, device=device, dtype=dtype, requires_grad=True)
-        saved = randlora.triton
+        saved = randlora.TRITON
         if method == "ours (eager)":
-            randlora.triton = None
+            randlora.TRITON = False  # _use_triton reads the switch at every call
         try:
             for _ in range(20):
                 model(x).sum().backward()
@@ -235,7 +235,7 @@ def host_overhead(in_f, out_f, N, cfg, reps: int = 200) -> dict:
                 torch.cuda.synchronize()
             out[method] = (time.perf_counter() - t0) / reps * 1e3
         finally:
-            randlora.triton = saved
+            randlora.TRITON = saved
         del model, x
     return out
 
@@ -257,7 +257,7 @@ def agreement(in_f, out_f, N, cfg) -> dict:
         ours.lin.weight.copy_(pl.base_layer.weight)
     randlora.inject(ours, ["lin"], rank, alpha=pl.scaling["default"] * rank)  # PEFT's alpha is 640 whatever r
     layer = ours.lin
-    layer._bases = randlora._Bases(rank, explicit=(A, B))
+    layer._bases = randlora._StoredBases(rank, A.float().cpu(), B.float().cpu())
     with torch.no_grad():
         layer.lam.copy_(pl.randlora_lambda["default"])
         layer.gam.copy_(pl.randlora_gamma["default"])
@@ -312,9 +312,9 @@ def exactness(in_f, out_f, N, path, cfg) -> dict:
     ref = (yr.detach(), xr.grad, lam.grad, gam.grad)
     out = dict(in_features=in_f, out_features=out_f, tokens=N, strategy=path)
     for mode in ("fused", "eager"):
-        saved = randlora.triton
+        saved = randlora.TRITON
         if mode == "eager":
-            randlora.triton = None
+            randlora.TRITON = False
         try:
             xi = x.clone().requires_grad_(True)
             layer.lam.grad = layer.gam.grad = None
@@ -322,7 +322,7 @@ def exactness(in_f, out_f, N, path, cfg) -> dict:
             y.backward(dy)
             got = (y, xi.grad, layer.lam.grad, layer.gam.grad)
         finally:
-            randlora.triton = saved
+            randlora.TRITON = saved
         for key, g, r in zip(("output", "input grad", "lam grad", "gam grad"), got, ref):
             err = ((g.double() - r).norm() / r.norm()).item()
             out[f"{mode} {key}"] = err if err == err else float("inf")  # NaN never passes
@@ -428,7 +428,7 @@ def main() -> None:
         with open(out_file, "w") as f:
             json.dump(results, f, indent=1)
 
-    methods = ["frozen base", "full FT", "PEFT LoRA r", "PEFT RandLoRA", "ours (auto)", "ours (merged)", "ours (factorized)"]
+    methods = ["frozen base", "full FT", "PEFT LoRA r", "PEFT RandLoRA", "ours (auto)", "ours (build)", "ours (factorized)"]
     if "layers" not in args.skip:
         print("\n## One layer, forward + backward\n")
         print("| layer (in→out) | N | " + " | ".join(m.replace("LoRA r", f"LoRA r{cfg['rank']}") for m in methods) + " | ours auto ÷ full FT | held MB: PEFT RandLoRA / ours auto | peak MB: full FT / PEFT RandLoRA / ours auto |")
@@ -446,16 +446,16 @@ def main() -> None:
 
     if "crossover" not in args.skip:
         print("\n## Merged vs factorized: where they cross (ms, fwd+bwd)\n")
-        print("| layer | N | merged | factorized | auto picks | faster |")
+        print("| layer | N | build | factorized | auto picks | faster |")
         print("| --- | --- | --- | --- | --- | --- |")
         for in_f, out_f in cfg["layers"]:
             for N in cfg["crossover_tokens"]:
-                mm = bench_layer("ours (merged)", in_f, out_f, N, cfg, timer)["ms"]
+                mm = bench_layer("ours (build)", in_f, out_f, N, cfg, timer)["ms"]
                 fm = bench_layer("ours (factorized)", in_f, out_f, N, cfg, timer)["ms"]
                 rn = cfg["rank"] * -(-min(in_f, out_f) // cfg["rank"])
-                pick = "merged" if randlora._prefer_build(N, out_f, in_f, rn) else "factorized"
-                faster = "merged" if mm < fm else "factorized"
-                results["crossover"].append(dict(in_features=in_f, out_features=out_f, tokens=N, merged_ms=mm, factorized_ms=fm, auto=pick))
+                pick = "build" if randlora._prefer_build(N, out_f, in_f, rn) else "factorized"
+                faster = "build" if mm < fm else "factorized"
+                results["crossover"].append(dict(in_features=in_f, out_features=out_f, tokens=N, build_ms=mm, factorized_ms=fm, auto=pick))
                 save()
                 print(f"| {in_f}→{out_f} | {N} | {mm:.3f} | {fm:.3f} | {pick} | {faster} |", flush=True)
 

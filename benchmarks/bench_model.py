@@ -488,6 +488,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--agree", action="store_true", help="nf4 configs: agreement of each method with the dequantized base")
+    ap.add_argument("--agree-tokens", type=int, default=512, help="tokens of the --agree check (1 sequence, no checkpointing)")
     ap.add_argument("--profile", action="append", default=[], help="CONFIG to profile with --methods (no timing table)")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--json", default=None, help="write results here (default: $OUT/bench_model.json if $OUT is set)")
@@ -556,7 +557,7 @@ def main() -> None:
                 if m["kind"] == "frozen":
                     continue
                 try:
-                    a = agreement(m, conf, device, dtype)
+                    a = agreement(m, conf, device, dtype, args.agree_tokens)
                 except Exception as e:
                     a = dict(config=conf["name"], method=m["name"], error=f"{type(e).__name__}: {str(e)[:300]}")
                     free(device)
