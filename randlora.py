@@ -639,9 +639,12 @@ class RandLoraFunction(torch.autograd.Function):
             dx_route, ds_route = _backward_routes(x.shape[0], out_f, in_f, Bf.shape[1], Wp is not None, need_x, need_S)
         else:
             dx_route, ds_route = ("W'", "G") if ctx.build else ("factorized", "factorized")
-        S = _small_basis(lam, gam, A_, dtype) if need_S or (need_x and (dx_route == "factorized" or Wp is None)) else None
-        if ctx.unpack is not None and need_x and (dx_route == "factorized" or Wp is None):
-            W = ctx.unpack()  # a quantized base's W, dequantized again rather than kept
+        # dX through the factors, or through a W' built here, needs S (and a quantized base's W,
+        # dequantized again rather than kept); dS and _scale_grads never read S
+        dx_needs_S = need_x and (dx_route == "factorized" or Wp is None)
+        S = _small_basis(lam, gam, A_, dtype) if dx_needs_S else None
+        if dx_needs_S and ctx.unpack is not None:
+            W = ctx.unpack()
         dX = dS = G = None
         if need_x and dx_route == "W'":
             dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, s, out_ge_in, owned=ctx.unpack is not None))
@@ -931,6 +934,8 @@ class RandLoraAdapter(nn.Module):
             return None, None, False
         memo = self._memo
         keep = memo.hold or torch._C._current_graph_task_id() != -1
+        # memo and key even when not keeping: non-reentrant checkpointing runs the backward of the
+        # first forward's node (with the recompute's saved tensors), so that ctx must look it up.
         W = self.base.weight if with_base else None  # the parameter itself: its version counts writes
         return memo, _weight_key(W, self.lam, self.gam, dtype, self.scaling), keep
 

@@ -410,6 +410,9 @@ def profile(method: dict, conf: dict, args, device: str, dtype: torch.dtype, out
             f.write("\n\nmatmuls by input shape (per step)\n")
             for r in mm_rows:
                 f.write(f"{r['op']:12s} {r['calls']:6.1f} calls {r['device_ms']:8.2f} ms  {r['shapes']}\n")
+            # host side: where the CPU time goes (synchronizing calls show up here)
+            f.write("\n\nby self CPU time\n")
+            f.write(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
     rec = dict(
         config=conf["name"], method=method["name"], wall_ms=wall_ms, host_ms=host_ms, gpu_busy_ms=gpu_ms,
         categories_ms=dict(sorted(cats.items(), key=lambda kv: -kv[1])), functions=fn_rows, matmuls=mm_rows,

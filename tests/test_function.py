@@ -305,14 +305,16 @@ def test_checkpoint_recompute_reuses_W_and_gives_the_same_gradients(strategy, mo
     x = torch.randn(3, 50, 24, requires_grad=True)
     model = _mlp(strategy=strategy)
     plain_out, plain = _grads(model, x)
-    builds = []
-    orig = randlora._adapted_weight
+    builds, smalls = [], []
+    orig, orig_S = randlora._adapted_weight, randlora._small_basis
     monkeypatch.setattr(randlora, "_adapted_weight", lambda *a, **k: builds.append(1) or orig(*a, **k))
+    monkeypatch.setattr(randlora, "_small_basis", lambda *a, **k: smalls.append(1) or orig_S(*a, **k))
     ckpt_out, ckpt = _grads(model, x, ckpt=True)
     assert torch.equal(plain_out, ckpt_out)
     if strategy == "build":  # same routes: bit for bit; and the recompute's W' served the backward
         assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
         assert len(builds) == 2 * 2  # per layer: forward and recompute; the backward built none
+        assert len(smalls) == 2 * 2  # nor S: dS and dlam/dgam never read it
     else:
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(plain, ckpt))
     assert _kept(model) == [False, False]  # handed over once, then dropped
