@@ -1,7 +1,9 @@
 """Host time per call of randlora's pieces on a GPU (launch-bound: tiny tensors, no sync inside
 the timed loop), to see where a host-bound step spends its time.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py             # pieces, one layer's forward + backward, PEFT LoRA's
+    python benchmarks/host_overhead.py --profile   # and torch.profiler's host time by op, per call
+    python benchmarks/host_overhead.py --threads   # and the pieces issued inside a backward (autograd's thread)
 """
 
 from __future__ import annotations
@@ -61,8 +63,6 @@ def main() -> None:
         print(f"| {k} | {v:.1f} |")
 
 
-
-
 def profile_one_call() -> None:
     """torch.profiler over 200 forward + backward calls of one tiny layer: host time by op."""
     from torch.profiler import ProfilerActivity, profile
@@ -84,7 +84,52 @@ def profile_one_call() -> None:
         print(f"| {e.key[:60]} | {e.count / 200:.2f} | {e.self_cpu_time_total / 200:.1f} |")
 
 
+DEV, DT = "cuda", torch.bfloat16
+R, N_BASES, D = 32, 64, 2048
+
+
+def pieces() -> dict:
+    lam = torch.randn(R, N_BASES, device=DEV)
+    gam = torch.randn(N_BASES, D, device=DEV)
+    A = torch.randn(R, D, device=DEV, dtype=DT)
+    dS = torch.randn(R * N_BASES, D, device=DEV, dtype=DT)
+    return {
+        "one aten op (add)": lambda: torch.add(A, A),
+        "_small_basis (Triton)": lambda: randlora._small_basis(lam, gam, A, DT),
+        "_scale_grads (Triton)": lambda: randlora._scale_grads(dS, lam, gam, A, 1.0),
+        "_backward_routes": lambda: randlora._backward_routes(64, D, D, D, False, True, True),
+    }
+
+
+class Repeat(torch.autograd.Function):
+    """Identity whose backward calls ``fn`` 10 times (or nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.fn is not None:
+            for _ in range(10):
+                ctx.fn()
+        return g, None
+
+
+def thread_table() -> None:
+    """--threads: the same pieces issued from autograd's backward thread and from the main thread."""
+    x = torch.randn(64, D, device=DEV, dtype=DT, requires_grad=True)
+    empty = per_call_us(lambda: Repeat.apply(x, None).sum().backward(), 300)
+    print("| piece | µs per call, backward thread | µs per call, main thread |\n| --- | --- | --- |")
+    for name, fn in pieces().items():
+        in_backward = (per_call_us(lambda: Repeat.apply(x, fn).sum().backward(), 300) - empty) / 10
+        print(f"| {name} | {in_backward:.1f} | {per_call_us(fn, 2000):.1f} |")
+
+
 if __name__ == "__main__":
     main()
     if "--profile" in sys.argv:
         profile_one_call()
+    if "--threads" in sys.argv:
+        thread_table()

@@ -210,3 +210,15 @@ def tiny():
 def fresh_tiny(seed: int = 1234, width: int = 8) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet(width)
+
+
+def record_saved(fn):
+    """``fn()`` and every tensor autograd saved for backward while it ran."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), saved

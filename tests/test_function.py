@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import randlora
-from conftest import CPU, assert_close, bases64, layer_bases64, nonzero_uniform, randomize_, ref_delta
+from conftest import CPU, assert_close, bases64, layer_bases64, nonzero_uniform, randomize_, record_saved, ref_delta
 
 F = randlora.RandLoraFunction
 
@@ -188,18 +188,6 @@ def test_auto_strategy_uses_the_cost_model(monkeypatch):
 # 5. Memory: what is kept between forward and backward
 
 
-def _record_saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 def _cache_ptrs(layer):
     """Storages of the shared bases: the cached (A, B) pairs and the per-width sparse A."""
     shared = [t for v in layer._bases._cache.values() for t in v[:2]] + list(layer._bases._small.values())
@@ -218,7 +206,7 @@ def test_saved_tensors_only_input_params_and_shared_bases(path, shape, kind):
     rn = layer.rank * layer.n
     assert rn == 65
     x = torch.randn(2, N // 2, in_f, requires_grad=True)
-    y, saved = _record_saved(lambda: layer(x))
+    y, saved = record_saved(lambda: layer(x))
     allowed = {
         x.untyped_storage().data_ptr(): "x",
         layer.base.weight.untyped_storage().data_ptr(): "W",
@@ -254,7 +242,7 @@ def test_saved_tensors_with_dropout(path, x_grad):
     randomize_(layer, 0)
     rn = layer.rank * layer.n
     x = torch.randn(N, in_f, requires_grad=x_grad)
-    y, saved = _record_saved(lambda: layer(x))
+    y, saved = record_saved(lambda: layer(x))
     allowed = {
         x.untyped_storage().data_ptr(),
         layer.base.weight.untyped_storage().data_ptr(),

@@ -18,6 +18,7 @@ from conftest import (
     base_weight64,
     layer_bases64,
     randomize_,
+    record_saved,
     ref_delta,
     ref_layer_delta,
     rel_err,
@@ -506,18 +507,6 @@ def test_bitsandbytes_base_runs_its_own_forward(kind, path):
     assert not layer.merged and torch.equal(q.weight, packed)
 
 
-def _record_saved(fn):
-    """``fn()`` and every tensor autograd saved for backward while it ran."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return fn(), saved
-
-
 def _unpacked_4bit(kind: str, in_f: int, out_f: int):
     """A bitsandbytes Linear4bit quantized on the CPU and never called: its weight is not repacked
     for the CPU inference kernel, so it can be dequantized (as on a GPU)."""
@@ -559,7 +548,7 @@ def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkey
     x64 = x.detach().double().requires_grad_()
     want = x64 @ (W64 + layer.scaling * ref_delta(A, B, lam, gam, out_f, in_f)).t() + q.bias.double()
     want.backward(dY.double())
-    y, saved = _record_saved(lambda: checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x))
+    y, saved = record_saved(lambda: checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x))
     assert not [t for t in saved if tuple(t.shape) == (out_f, in_f)], "a dequantized W was kept for backward"
     y.backward(dY)
     assert len(calls) == 2  # forward + (checkpoint recompute | backward's own W')
