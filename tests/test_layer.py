@@ -571,6 +571,18 @@ def test_4bit_base_runs_its_own_forward_when_it_must():
     assert randlora._dequantizer(q, torch.bfloat16) is None  # compute_dtype float32
     q.weight.quant_state.packing_format_for_cpu = True
     assert randlora._dequantizer(q, torch.float32) is None
+    q = _unpacked_4bit("nf4", 64, 64)
+    q.compute_dtype = torch.bfloat16  # computes in bf16 whatever the input: its own forward runs
+    layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy="build"), name="q4")
+    randomize_(layer, 3)
+    own = []
+    q.register_forward_hook(lambda *a: own.append(1))
+    x = torch.randn(6, 64)
+    y = layer(x)
+    assert own and y.dtype == torch.float32
+    with torch.no_grad():
+        want = q(x).double() + x.double() @ ref_layer_delta(layer).t()
+    assert_close(y, want, 1e-5, what="bf16-compute 4-bit base")
 
 
 # -----------------------------------------------------------------------------
