@@ -222,3 +222,19 @@ def record_saved(fn):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         return fn(), saved
+
+
+def bnb_linear(kind: str, in_f: int, out_f: int, seed: int) -> nn.Module:
+    """A bitsandbytes layer (``"int8"``: Linear8bitLt; ``"nf4"``/``"fp4"``: Linear4bit, float32
+    compute) holding the weights of a seeded nn.Linear, quantized on the CPU and never called (a
+    4-bit weight is not yet repacked for bitsandbytes' CPU inference kernel)."""
+    import bitsandbytes as bnb  # a test dependency: missing, it fails (no skip)
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    if kind == "int8":
+        q = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False, threshold=0.0)
+    else:
+        q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
+    q.load_state_dict(lin.state_dict())
+    return q.to("cpu")  # quantizes

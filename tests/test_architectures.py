@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import randlora  # noqa: E402
-from conftest import assert_close, bases64, nonzero_uniform, ref_delta, rel_err, tiny_llama  # noqa: E402
+from conftest import assert_close, bases64, bnb_linear, nonzero_uniform, ref_delta, rel_err, tiny_llama  # noqa: E402
 
 import transformers  # noqa: E402  (test extras: a missing one must fail, not skip)
 
@@ -293,6 +293,17 @@ def check_grads(model, before, inp, dtype, rtol, what, train=True):
     assert checked >= 2
 
 
+def check_float32_then_float64(model, ref, before, inp, what, grads64=True):
+    """Outputs and lam/gam gradients in float32, then the same model after ``model.double()``
+    against the same float64 reference (its gradients too unless ``grads64`` is False)."""
+    check_against(model, ref, before, inp, torch.float32, RTOL32, f"{what} fp32")
+    check_grads(model, before, inp, torch.float32, 1e-3, f"{what} fp32")
+    model.double()
+    check_against(model, ref, before.double(), inp, torch.float64, RTOL64, f"{what} fp64")
+    if grads64:
+        check_grads(model, before, inp, torch.float64, 1e-6, f"{what} fp64")
+
+
 def check_weights(model, before, rtol, what):
     """Every adapted weight, read as a parent reads it (``owner.<param>``), is W + s*ΔW."""
     ref, _ = reference(before, model)
@@ -386,11 +397,7 @@ def test_llama_matches_float64_reference(strategy):
     assert len(distinct_adapters(model)) == 2 * 7
     inp = inputs("llama")
     ref, _ = reference(before, model)
-    check_against(model, ref, before, inp, torch.float32, RTOL32, f"llama fp32 {strategy}")
-    check_grads(model, before, inp, torch.float32, 1e-3, f"llama fp32 {strategy}")
-    model.double()
-    check_against(model, ref, before.double(), inp, torch.float64, RTOL64, f"llama fp64 {strategy}")
-    check_grads(model, before, inp, torch.float64, 1e-6, f"llama fp64 {strategy}")
+    check_float32_then_float64(model, ref, before, inp, f"llama {strategy}")
 
 
 def test_llama_merge_eject_and_save_load(tmp_path):
@@ -421,10 +428,7 @@ def test_gpt2_conv1d_and_tied_head_forward(strategy):
     assert torch.equal(model.transformer.wte.weight, before.transformer.wte.weight)
     inp = inputs("gpt2")
     ref, _ = reference(before, model)
-    check_against(model, ref, before, inp, torch.float32, RTOL32, f"gpt2 fp32 {strategy}")
-    check_grads(model, before, inp, torch.float32, 1e-3, f"gpt2 fp32 {strategy}")
-    model.double()
-    check_against(model, ref, before.double(), inp, torch.float64, RTOL64, f"gpt2 fp64 {strategy}")
+    check_float32_then_float64(model, ref, before, inp, f"gpt2 {strategy}", grads64=False)
 
 
 @pytest.mark.parametrize("verb", ["merge", "eject"])
@@ -451,11 +455,8 @@ def test_t5_all_projections(strategy, tmp_path):
     assert len(distinct_adapters(model)) == 2 * 6 + 2 * 10
     inp = inputs("t5")
     ref, _ = reference(before, model)
-    check_against(model, ref, before, inp, torch.float32, RTOL32, f"t5 fp32 {strategy}")
-    check_grads(model, before, inp, torch.float32, 1e-3, f"t5 fp32 {strategy}")
-    check_weights(model, before, 1e-6, "t5")
-    model.double()
-    check_against(model, ref, before.double(), inp, torch.float64, RTOL64, f"t5 fp64 {strategy}")
+    check_weights(model, before, 1e-6, "t5")  # reads weights only: order-free
+    check_float32_then_float64(model, ref, before, inp, f"t5 {strategy}", grads64=False)
     model.float()
     before.float()
     save_load_identical(model, base("t5"), inp, tmp_path / "a.safetensors")
@@ -654,11 +655,7 @@ def test_mha_block_matches_reference(kind, strategy):
     inp = inputs(kind)
     ref, _ = reference(before, model)
     check_weights(model, before, 1e-6, kind)
-    check_against(model, ref, before, inp, torch.float32, RTOL32, f"{kind} fp32 {strategy}")
-    check_grads(model, before, inp, torch.float32, 1e-3, f"{kind} fp32 {strategy}")
-    model.double()
-    check_against(model, ref, before.double(), inp, torch.float64, RTOL64, f"{kind} fp64 {strategy}")
-    check_grads(model, before, inp, torch.float64, 1e-6, f"{kind} fp64 {strategy}")
+    check_float32_then_float64(model, ref, before, inp, f"{kind} {strategy}")
 
 
 @pytest.mark.parametrize("kind", ["block", "block-kv"])
@@ -996,28 +993,15 @@ def test_nested_targets_refused():
 # bitsandbytes quantized bases (CPU)
 
 
-def _bnb_linear(kind: str, in_f: int, out_f: int, seed: int) -> nn.Module:
-    import bitsandbytes as bnb
-
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f)
-    if kind == "int8":
-        q = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False, threshold=0.0)
-    else:
-        q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
-    q.load_state_dict(lin.state_dict())
-    return q.to("cpu")  # quantizes
-
-
 class QNet(nn.Module):
     """Two quantized layers. Sizes are multiples of 64: bitsandbytes' CPU 4-bit eval kernel
     repacks the weight (in place, on the first eval forward) into blocks of 64."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
-        self.q1 = _bnb_linear(kind, 64, 128, 1)
+        self.q1 = bnb_linear(kind, 64, 128, 1)
         self.act = nn.GELU()
-        self.q2 = _bnb_linear(kind, 128, 64, 2)
+        self.q2 = bnb_linear(kind, 128, 64, 2)
 
     def forward(self, x):
         return self.q2(self.act(self.q1(x)))
@@ -1136,8 +1120,7 @@ def test_to_peft_refuses_out_proj_alone_of_an_mha(tmp_path):
     # nn.MultiheadAttention reads out_proj.weight: PEFT's out_proj adapter would be skipped.
     block = ResidualAttentionBlock()
     randlora.inject(block, ["attn.out_proj"], 4)
-    with pytest.raises(ValueError, match="out_proj.*MultiheadAttention"):
-        randlora.to_peft(block, tmp_path / "peft")
+    refused(block, lambda m: randlora.to_peft(m, tmp_path / "peft"), ValueError, "out_proj.*MultiheadAttention")
     assert not (tmp_path / "peft").exists()
 
 

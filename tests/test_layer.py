@@ -16,6 +16,7 @@ from conftest import (
     Int8Linear,
     assert_close,
     base_weight64,
+    bnb_linear,
     layer_bases64,
     randomize_,
     record_saved,
@@ -456,15 +457,7 @@ def test_t5_feed_forward_with_8bit_wo():
 
 
 def _bnb_layer(kind: str, in_f: int, out_f: int):
-    import bitsandbytes as bnb  # a test dependency: missing, it fails (no skip)
-    torch.manual_seed(3)
-    lin = nn.Linear(in_f, out_f)
-    if kind == "int8":
-        q = bnb.nn.Linear8bitLt(in_f, out_f, has_fp16_weights=False, threshold=0.0)
-    else:
-        q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
-    q.load_state_dict(lin.state_dict())
-    q = q.to("cpu")  # quantizes
+    q = bnb_linear(kind, in_f, out_f, 3)
     with torch.no_grad():
         q.eval()(torch.zeros(1, in_f))  # the CPU 4-bit kernel repacks the weight on its first eval call
     return q
@@ -507,18 +500,6 @@ def test_bitsandbytes_base_runs_its_own_forward(kind, path):
     assert not layer.merged and torch.equal(q.weight, packed)
 
 
-def _unpacked_4bit(kind: str, in_f: int, out_f: int):
-    """A bitsandbytes Linear4bit quantized on the CPU and never called: its weight is not repacked
-    for the CPU inference kernel, so it can be dequantized (as on a GPU)."""
-    import bitsandbytes as bnb
-
-    torch.manual_seed(5)
-    lin = nn.Linear(in_f, out_f)
-    q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
-    q.load_state_dict(lin.state_dict())
-    return q.to("cpu")
-
-
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkeypatch):
@@ -531,7 +512,7 @@ def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkey
     from torch.utils.checkpoint import checkpoint
 
     in_f, out_f = 128, 64  # W (64, 128) has a shape no other saved tensor has
-    q = _unpacked_4bit(kind, in_f, out_f)
+    q = bnb_linear(kind, in_f, out_f, 5)  # never called: not repacked
     layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy="build"), name="q4")
     assert layer.layout == "4bit" and not layer.mergeable
     randomize_(layer, 2)
@@ -566,12 +547,12 @@ def test_4bit_base_runs_its_own_forward_when_it_must():
     """Where bitsandbytes computes differently from dequantize-then-multiply (its CPU inference
     kernel's repacked weight), or in another dtype than the input's (its compute_dtype), the
     layer's own forward runs with the adapter beside it."""
-    q = _unpacked_4bit("nf4", 64, 64)
+    q = bnb_linear("nf4", 64, 64, 5)
     assert randlora._dequantizer(q, torch.float32) is not None
     assert randlora._dequantizer(q, torch.bfloat16) is None  # compute_dtype float32
     q.weight.quant_state.packing_format_for_cpu = True
     assert randlora._dequantizer(q, torch.float32) is None
-    q = _unpacked_4bit("nf4", 64, 64)
+    q = bnb_linear("nf4", 64, 64, 5)
     q.compute_dtype = torch.bfloat16  # computes in bf16 whatever the input: its own forward runs
     layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy="build"), name="q4")
     randomize_(layer, 3)
