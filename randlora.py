@@ -796,7 +796,11 @@ def _plain_weight(w: object) -> bool:
 
 def _bnb_4bit_forward(module: nn.Module) -> bool:
     """Whether ``module`` computes as bitsandbytes' ``Linear4bit`` does (nf4 or fp4, its own
-    subclasses included): ``x W^T + b`` with ``W`` its dequantized weight, in its compute dtype."""
+    subclasses included): ``x W^T + b`` with ``W`` its dequantized weight, in its compute dtype.
+    Not when the instance carries a forward of its own (accelerate's device hooks move or load the
+    weight there): that forward must run."""
+    if "forward" in vars(module):
+        return False
     for c in type(module).__mro__:
         if c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes"):
             return type(module).forward is c.forward and type(module.weight).__name__ == "Params4bit"

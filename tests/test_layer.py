@@ -545,8 +545,9 @@ def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkey
 
 def test_4bit_base_runs_its_own_forward_when_it_must():
     """Where bitsandbytes computes differently from dequantize-then-multiply (its CPU inference
-    kernel's repacked weight), or in another dtype than the input's (its compute_dtype), the
-    layer's own forward runs with the adapter beside it."""
+    kernel's repacked weight), in another dtype than the input's (its compute_dtype), or the
+    instance has a forward of its own (accelerate's hooks), the layer's own forward runs with the
+    adapter beside it."""
     q = bnb_linear("nf4", 64, 64, 5)
     assert randlora._dequantizer(q, torch.float32) is not None
     assert randlora._dequantizer(q, torch.bfloat16) is None  # compute_dtype float32
@@ -564,6 +565,18 @@ def test_4bit_base_runs_its_own_forward_when_it_must():
     with torch.no_grad():
         want = q(x).double() + x.double() @ ref_layer_delta(layer).t()
     assert_close(y, want, 1e-5, what="bf16-compute 4-bit base")
+    q = bnb_linear("nf4", 64, 64, 5)
+    own_forward = type(q).forward
+    q.forward = lambda x: own.append(2) or own_forward(q, x)  # as accelerate's hooks patch an instance
+    layer = randlora.RandLoraLinear(q, randlora.RandLoraConfig(rank=8, alpha=16.0, strategy="build"), name="q4")
+    assert layer.layout == "opaque"
+    randomize_(layer, 4)
+    own.clear()
+    y = layer(x)
+    assert own == [2]
+    with torch.no_grad():
+        want = own_forward(q, x).double() + x.double() @ ref_layer_delta(layer).t()
+    assert_close(y, want, 1e-5, what="4-bit base with an instance forward")
 
 
 # -----------------------------------------------------------------------------
