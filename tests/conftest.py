@@ -8,7 +8,9 @@ randlora (they are random).
 
 from __future__ import annotations
 
+import copy
 import os
+import stat
 import sys
 
 import pytest
@@ -57,13 +59,9 @@ def layer_bases64(layer: randlora.RandLoraLinear) -> tuple[torch.Tensor, torch.T
     return bases64(layer._bases, layer.D, layer.d, layer.rank)
 
 
-def bases64(bases: randlora._Bases, D: int, d: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    A, Bf, scale = bases.get(D, d, CPU, torch.float32)
+def bases64(bases, D: int, d: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    A, Bf = bases.dense(D, d, torch.float64)
     n = -(-d // rank)
-    A = A.to(torch.float64)
-    Bf = Bf.to(torch.float64)
-    if scale is not None:
-        A, Bf = A * scale, Bf * scale
     assert A.shape == (rank, d) and Bf.shape == (D, n * rank)
     return A.clone(), Bf.reshape(D, n, rank).clone()
 
@@ -180,25 +178,71 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, self.dequantized().to(x.dtype), self.bias.to(x.dtype))
 
 
+def _same_bits(a, b) -> bool:
+    """Bitwise equality (NaN-safe: the same NaN bits are equal), dtype and shape included; other
+    values (non-tensor extra state) by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if (a.dtype, a.shape, a.device, a.is_meta, a.layout) != (b.dtype, b.shape, b.device, b.is_meta, b.layout):
+            return False
+        if a.is_meta or a.layout != torch.strided:
+            return a.is_meta or torch.equal(a.to_dense(), b.to_dense())
+        a, b = (t.detach().cpu().contiguous().reshape(-1) for t in (a, b))
+        return torch.equal(a, b) if a.dtype == torch.bool else torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return a == b
+
+
 def snapshot(model: nn.Module):
-    """Everything a failed call must leave untouched."""
+    """Everything a failed call must leave untouched: state-dict values (bitwise, NaN-safe), module
+    identities, types and train/eval modes, parameters' identities, requires_grad, dtype and device,
+    and each adapter's merged/disabled flags, config (dropout, strategy) and dropout module."""
+    state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in model.state_dict().items()}
     return (
-        {k: v.detach().clone() for k, v in model.state_dict().items()},
-        [(n, type(m)) for n, m in model.named_modules()],
-        [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()],
-        [(n, m.merged, m.disabled) for n, m in randlora.named_adapters(model)],
+        state,
+        [(n, id(m), type(m), m.training) for n, m in model.named_modules(remove_duplicate=False)],
+        [(n, id(p), p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters(remove_duplicate=False)],
+        [(n, m.merged, m.disabled, m.config, repr(m._modules.get("dropout"))) for n, m in randlora.named_adapters(model)],
     )
 
 
 def assert_unchanged(model: nn.Module, snap) -> None:
     state, types, flags, adapted = snap
-    now = model.state_dict()
-    assert list(now) == list(state), "state_dict keys changed"
+    now = snapshot(model)
+    assert list(now[0]) == list(state), "state_dict keys changed"
     for k, v in state.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"{k} changed"
-    assert [(n, type(m)) for n, m in model.named_modules()] == types, "module structure changed"
-    assert [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()] == flags, "requires_grad flags changed"
-    assert [(n, m.merged, m.disabled) for n, m in randlora.named_adapters(model)] == adapted
+        assert _same_bits(now[0][k], v), f"{k} changed"
+    assert now[1] == types, "module structure, identities or train/eval modes changed"
+    assert now[2] == flags, "parameters changed (identity, requires_grad, dtype or device)"
+    assert now[3] == adapted, "adapter flags or settings changed"
+
+
+def fs_snapshot(root) -> dict:
+    """Every entry under ``root`` (not following links): kind, mode, bytes (regular files) or link
+    text (symlinks)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st_ = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(st_.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st_.st_mode):
+                with open(p, "rb") as f:
+                    out[rel] = ("file", stat.S_IMODE(st_.st_mode), f.read())
+            elif stat.S_ISDIR(st_.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st_.st_mode))
+            else:
+                out[rel] = ("other", st_.st_mode)
+    return out
+
+
+def assert_fs_unchanged(root, before) -> None:
+    now = fs_snapshot(root)
+    assert sorted(now) == sorted(before), f"directory listing changed: {sorted(before)} -> {sorted(now)}"
+    for k in before:
+        assert now[k] == before[k], f"{k} changed"
 
 
 @pytest.fixture
@@ -238,3 +282,170 @@ def bnb_linear(kind: str, in_f: int, out_f: int, seed: int) -> nn.Module:
         q = bnb.nn.Linear4bit(in_f, out_f, quant_type=kind, compute_dtype=torch.float32)
     q.load_state_dict(lin.state_dict())
     return q.to("cpu")  # quantizes
+
+
+# -----------------------------------------------------------------------------
+# Layers, models and refusals shared by test_layers / test_targeting / test_verbs
+
+
+class OwnForward(nn.Linear):
+    """An nn.Linear subclass with a forward of its own: its weight is not what it computes with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class MhaHolder(nn.Module):
+    """One nn.MultiheadAttention (self-attention unless k/v are given) and a head."""
+
+    def __init__(self, batch_first: bool = True, kdim: int | None = None, vdim: int | None = None, e: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=batch_first, kdim=kdim, vdim=vdim)
+        self.head = nn.Linear(e, 3)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+        k = x if k is None else k
+        v = x if v is None else v
+        return self.head(self.attn(x, k, v, need_weights=False)[0])
+
+
+def mha_inputs(batch_first: bool = True, kdim: int | None = None, vdim: int | None = None, e: int = 16, dtype=torch.float32):
+    """Inputs for :class:`MhaHolder`: ``(x,)``, or ``(x, k, v)`` with kdim/vdim."""
+    g = torch.Generator().manual_seed(9)
+    shape = lambda s, f: (2, s, f) if batch_first else (s, 2, f)  # noqa: E731
+    x = torch.randn(*shape(5, e), generator=g, dtype=dtype)
+    if kdim is None:
+        return (x,)
+    return x, torch.randn(*shape(4, kdim), generator=g, dtype=dtype), torch.randn(*shape(4, vdim), generator=g, dtype=dtype)
+
+
+def assert_refused(model: nn.Module, fn, errors, *patterns: str, outputs=None) -> str:
+    """``fn(model)`` raises one of ``errors`` whose message matches every regex pattern, and
+    ``model`` is unchanged (:func:`assert_unchanged`; with ``outputs``, a callable of the model,
+    its outputs under no_grad are bitwise the same too). Returns the message."""
+    import re
+
+    before = None
+    if outputs is not None:
+        with torch.no_grad():
+            before = outputs(model)
+    snap = snapshot(model)
+    with pytest.raises(errors) as info:
+        fn(model)
+    msg = str(info.value)
+    for p in patterns:
+        assert re.search(p, msg), f"{p!r} not in {msg!r}"
+    assert_unchanged(model, snap)
+    if outputs is not None:
+        with torch.no_grad():
+            assert torch.equal(outputs(model), before), "outputs changed"
+    return msg
+
+
+# -----------------------------------------------------------------------------
+# Tiny real architectures (random init, offline), shared by test_peft / test_scale: LLaMA, GPT-2
+# (Conv1D, tied head), BERT and ViT classifiers, T5, torch's nn.TransformerEncoder and an
+# open_clip-style block around nn.MultiheadAttention (``block-sf``: sequence first; ``block-kv``:
+# its own key/value widths, so separate q/k/v projection weights).
+
+
+class ResidualAttentionBlock(nn.Module):
+    """ln_1 -> nn.MultiheadAttention -> ln_2 -> mlp(c_fc, gelu, c_proj)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, batch_first: bool = True, kdim: int | None = None, vdim: int | None = None) -> None:
+        from collections import OrderedDict
+
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first, kdim=kdim, vdim=vdim)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(d, 4 * d)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(4 * d, d))]))
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.ln_1(x)
+        k = q if k is None else k
+        v = q if v is None else v
+        x = x + self.attn(q, k, v, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def _arch_builders() -> dict:
+    import transformers  # a test dependency: missing, it fails (no skip)
+
+    def gpt2():
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0))  # fmt: skip
+
+    def bert():
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+            max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))  # fmt: skip
+
+    def vit():
+        return transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+            patch_size=4, num_channels=3, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))  # fmt: skip
+
+    def t5():
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=64, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))  # fmt: skip
+
+    def encoder():
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation="gelu")
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    return {
+        "llama": tiny_llama, "gpt2": gpt2, "bert": bert, "vit": vit, "t5": t5, "encoder": encoder,
+        "block": ResidualAttentionBlock, "block-sf": lambda: ResidualAttentionBlock(batch_first=False),
+        "block-kv": lambda: ResidualAttentionBlock(kdim=24, vdim=20),
+        "block-kv-sf": lambda: ResidualAttentionBlock(batch_first=False, kdim=24, vdim=20),
+    }  # fmt: skip
+
+
+ARCH_KINDS = ("bert", "block", "block-kv", "block-kv-sf", "block-sf", "encoder", "gpt2", "llama", "t5", "vit")
+_ARCH_CACHE: dict[str, nn.Module] = {}
+
+
+def arch_base(kind: str) -> nn.Module:
+    """A fresh copy of one fixed random model per kind of :data:`ARCH_KINDS` (float32, train mode)."""
+    if kind not in _ARCH_CACHE:
+        torch.manual_seed(ARCH_KINDS.index(kind) + 11)
+        _ARCH_CACHE[kind] = _arch_builders()[kind]().train()
+    return copy.deepcopy(_ARCH_CACHE[kind])
+
+
+def arch_inputs(kind: str) -> dict[str, torch.Tensor]:
+    """Keyword inputs for :func:`arch_base`'s model of ``kind``."""
+    g = torch.Generator().manual_seed(7)
+    if kind in ("llama", "gpt2", "bert"):
+        return {"input_ids": torch.randint(0, 64, (2, 7), generator=g)}
+    if kind == "t5":
+        return {"input_ids": torch.randint(2, 64, (2, 7), generator=g), "decoder_input_ids": torch.randint(2, 64, (2, 5), generator=g)}
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "encoder":
+        return {"src": torch.randn(2, 6, 32, generator=g)}
+    batch_first = not kind.endswith("-sf")
+    shape = lambda s, f: (2, s, f) if batch_first else (s, 2, f)  # noqa: E731
+    inp = {"x": torch.randn(*shape(5, 32), generator=g)}
+    if "kv" in kind:
+        inp["k"] = torch.randn(*shape(6, 24), generator=g)
+        inp["v"] = torch.randn(*shape(6, 20), generator=g)
+    return inp
+
+
+def arch_run(model: nn.Module, inp: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The model's output tensor (``.logits`` of transformers' outputs), float inputs in ``dtype``."""
+    out = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inp.items()})
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def arch_randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Random non-zero lam/gam for every adapter (sized so that the update is comparable to W)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for _, ad in randlora.named_adapters(model):
+            ad.lam.copy_(nonzero_uniform(ad.lam.shape, g) * scale)
+            ad.gam.copy_(nonzero_uniform(ad.gam.shape, g) * scale / ad.d**0.5)

@@ -1,8 +1,11 @@
-"""Seeded shared bases: full rank, reproducibility, sharing, sparse kinds."""
+"""Seeded shared bases: full rank (every kind), reproducibility (and 0.2's bases, bit for bit), sharing, sparse kinds."""
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import gc
+import hashlib
 
 import pytest
 import torch
@@ -13,16 +16,23 @@ from hypothesis import strategies as st
 import randlora
 from conftest import (
     CPU,
-    TinyNet,
     bases64,
     fresh_tiny,
-    layer_bases64,
     nonzero_uniform,
     randomize_,
     randomize_model_,
     ref_delta,
     ref_layer_delta,
 )
+
+
+def _copies(bases: randlora._Bases) -> list[torch.Tensor]:
+    """Every tensor the bases object keeps: (A, Bf) pairs per (device, dtype), and sparse kinds' A per exact d."""
+    return [t for v in bases._copies.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
+
+
+def _ptrs(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 # -----------------------------------------------------------------------------
@@ -87,6 +97,44 @@ def test_full_rank_square_4096_like_layer_count():
     assert (s[-1] / s[0]).item() > 1e-8  # not just numerically full rank
 
 
+def _rank_of_delta(kind: str, out_f: int, in_f: int, rank: int, seed: int) -> tuple[int, int]:
+    """rank(ΔW) of an injected layer with generic lam/gam (float64 reference), and min(in, out)."""
+    model = nn.Sequential(nn.Linear(in_f, out_f))
+    randlora.inject(model, ["0"], rank=rank, seed=seed, bases=kind)
+    layer = model[0]
+    g = torch.Generator().manual_seed(1000 + seed)
+    lam = nonzero_uniform(tuple(layer.lam.shape), g, dtype=torch.float64)
+    gam = nonzero_uniform(tuple(layer.gam.shape), g, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lam.copy_(lam)
+        layer.gam.copy_(gam)
+    A, B = layer.random_bases(torch.float64)
+    dW = ref_delta(A, B, lam, gam, out_f, in_f)
+    assert dW.shape == (out_f, in_f)
+    return int(torch.linalg.matrix_rank(dW)), min(out_f, in_f)
+
+
+@settings(max_examples=45)
+@given(
+    kind=st.sampled_from(randlora.BASES_KINDS),
+    out_f=st.integers(2, 96),
+    in_f=st.integers(2, 96),
+    data=st.data(),
+    seed=st.integers(0, 3),
+)
+def test_delta_is_full_rank(kind, out_f, in_f, data, seed):
+    """Seeded dense, sparse and very_sparse bases give rank(ΔW) == min(in, out), every shape and rank."""
+    rank = data.draw(st.integers(1, min(out_f, in_f)), label="rank")
+    got, want = _rank_of_delta(kind, out_f, in_f, rank, seed)
+    assert got == want, f"{kind} {out_f}x{in_f} r={rank} seed={seed}: rank {got} < {want}"
+
+
+@pytest.mark.parametrize("kind,out_f,in_f,rank", [("sparse", 640, 384, 8), ("very_sparse", 1024, 1024, 32)])
+def test_delta_is_full_rank_reported_cases(kind, out_f, in_f, rank):
+    got, want = _rank_of_delta(kind, out_f, in_f, rank, 0)
+    assert got == want, f"{kind} {out_f}x{in_f} r={rank}: rank {got} < {want}"
+
+
 # -----------------------------------------------------------------------------
 # 2. Reproducibility and sharing
 
@@ -94,6 +142,44 @@ def test_full_rank_square_4096_like_layer_count():
 def _dense(bases: randlora._Bases, D: int, d: int):
     A, Bf = bases.dense(D, d)
     return A.clone(), Bf.clone()
+
+
+# sha256 of randlora 0.2's bases (commit cff14c9, /work/old/randlora_v02.py: `_Bases(rank, seed, kind).dense(D, d)`,
+# float32), over str(tuple(A.shape)), A's bytes, str(tuple(Bf.shape)), Bf's bytes. Adapter files store no bases: they
+# are regenerated from the seed, so a 0.2 file loads with these very bases only while 0.3 reproduces them bit for bit.
+# Cases: each kind, rank 1 to 16, ranks not dividing d, d = 1, square layers, shapes past the 1024 generator block.
+BASES_V02 = [
+    (("dense", 4, 0, 40, 24), "62829ea188bae2296aeb8c84a8140027bcf2fc93291a131a0736a9380d29c61e"),
+    (("dense", 7, 3, 96, 64), "c34d6e587645fc4283a9dd751f2615619a42e4d2f573b2d541b978d8512fa2b9"),
+    (("dense", 1, 0, 5, 1), "fb666744d8a783f2b06597c476d5fd0b00b4306dd78de0c2a7fc82164ebeec17"),
+    (("dense", 2, 9, 1100, 1030), "2586bf83ce67583e61f57193a0cb2b22c4a9f2e31fae82294dd8c77148796eb4"),
+    (("sparse", 3, 1, 64, 33), "c4daef25ceb14c43d11717932df335b8169f55b16a03be1643439eb4b62c644b"),
+    (("sparse", 5, 7, 50, 23), "17cc4a56977da90b264d8618461e8d97dab3c64f029296d370dedc3992cc69af"),
+    (("sparse", 8, 0, 640, 384), "aa0eaaa4d37707ee0220c7a50a718d885fb2967d94bd68f50ac42246268eb40c"),
+    (("very_sparse", 4, 5, 100, 36), "1581ef842e431956a1af0edcfd82d32d901a7bef522572f3d2671fab4457e21f"),
+    (("very_sparse", 16, 2, 300, 200), "f3de078f532238b4b5b14d4063a6d1ebef9996c52d243e74b3e8b2d4b4ae0faf"),
+    (("very_sparse", 3, 11, 7, 7), "fad2ee8c72c38386a8b7041cb1bccc83420952089935d31958d3bb6685309074"),
+]
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        assert t.dtype == torch.float32
+        h.update(str(tuple(t.shape)).encode())
+        t = t.contiguous()
+        h.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # the raw bytes (numpy-free)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case,digest", BASES_V02, ids=[str(c) for c, _ in BASES_V02])
+def test_bases_bit_identical_to_v02(case, digest):
+    kind, rank, seed, D, d = case
+    assert _digest(*randlora._Bases(rank, seed, kind).dense(D, d)) == digest
+    # and what a layer of that shape computes with (its public view of the shared bases) is the same
+    layer = randlora.RandLoraLinear(nn.Linear(d, D), randlora.RandLoraConfig(rank=rank, seed=seed, bases=kind))
+    A, B = layer.random_bases()
+    assert _digest(A, B.reshape(D, -1)) == digest
 
 
 def test_bases_statistics_dense():
@@ -124,10 +210,10 @@ def test_bases_same_seed_identical_different_seed_differ(kind):
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_bases_depend_only_on_layer_shape(kind):
     small = _dense(randlora._Bases(4, 5, kind), 20, 12)
-    # Same object: ask for a larger layer first (cache grows), then the small one again.
+    # Same object: ask for a larger layer after a small one (the copy grows), then the small one again.
     b = randlora._Bases(4, 5, kind)
     b.get(20, 12, CPU, torch.float32)
-    big = _dense(b, 300, 200)  # grows past one 1024 block? no, but grows D, d and n
+    big = _dense(b, 300, 200)  # grows D, d and n
     again = _dense(b, 20, 12)
     assert torch.equal(small[0], again[0]) and torch.equal(small[1], again[1])
     # The small layer's bases are a prefix of the big layer's (A columns; B rows and bases).
@@ -150,7 +236,7 @@ def test_bases_prefix_across_generator_blocks():
 def test_adding_a_bigger_target_does_not_change_other_layers_bases():
     m1 = fresh_tiny()
     randlora.inject(m1, ["head"], rank=2, seed=3)
-    ref = _dense(m1.head._bases, m1.head.D, m1.head.d)
+    ref = m1.head.random_bases()
     x = torch.randn(4, 6)
     randomize_(m1.head, 1)
     y1 = m1(x)
@@ -158,10 +244,10 @@ def test_adding_a_bigger_target_does_not_change_other_layers_bases():
     gc.collect()
 
     m2 = fresh_tiny()
-    randlora.inject(m2, ["head", "block.0"], rank=2, seed=3)
+    randlora.inject(m2, ["head", "block.0"], rank=2, seed=3)  # the bigger layer sizes the shared copy
     randomize_(m2.head, 1)
-    m2.block[0](torch.randn(3, 8))  # the bigger layer fills/grows the shared cache first
-    got = _dense(m2.head._bases, m2.head.D, m2.head.d)
+    m2.block[0](torch.randn(3, 8))
+    got = m2.head.random_bases()
     assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
     # Same output for the head (block.0 has lam = 0: its update is exactly zero).
     assert torch.equal(m2(x), y1)
@@ -177,7 +263,7 @@ def test_same_seed_same_outputs_across_fresh_injections_and_rng_states():
         randlora.inject(model, ["embed", "block.0", "block.2", "head"], rank=2, seed=42)
         randomize_model_(model, 7)
         outs.append(model(x).detach())
-        bases.append(_dense(model.head._bases, model.head.D, model.head.d))
+        bases.append(model.head.random_bases())
         del model
         gc.collect()
     for o, b in zip(outs[1:], bases[1:]):
@@ -204,7 +290,7 @@ def test_bases_not_in_state_dict_buffers_or_parameters():
     expected |= {"block.0.lam", "block.0.gam", "head.lam", "head.gam"}
     assert keys == expected
     assert list(model.buffers()) == []
-    cache_ptrs = {t.untyped_storage().data_ptr() for v in model.head._bases._cache.values() for t in v[:2]}
+    cache_ptrs = _ptrs(_copies(model.head._bases))
     assert cache_ptrs
     for t in [*model.parameters(), *model.buffers(), *model.state_dict().values()]:
         assert t.untyped_storage().data_ptr() not in cache_ptrs
@@ -216,7 +302,7 @@ def test_one_shared_copy_per_device_dtype():
     model(torch.randn(3, 6))
     bases = model.head._bases
     assert model.embed._bases is bases and model.block[0]._bases is bases
-    assert len(bases._cache) == 1
+    assert len(bases._copies) == 1
     views = [bases.get(m.D, m.d, CPU, torch.float32) for m in (model.embed, model.block[0], model.head)]
     ptrs_A = {v[0].untyped_storage().data_ptr() for v in views}
     ptrs_B = {v[1].untyped_storage().data_ptr() for v in views}
@@ -224,30 +310,29 @@ def test_one_shared_copy_per_device_dtype():
     # Asking for float64 adds exactly one more copy.
     model.double()
     model(torch.randn(3, 6, dtype=torch.float64))
-    assert len(bases._cache) == 2
-    assert {k[1] for k in bases._cache} == {torch.float32, torch.float64}
+    assert len(bases._copies) == 2
+    assert {k[1] for k in bases._copies} == {torch.float32, torch.float64}
     # A second model with the same settings shares the bases object while both live.
     other = fresh_tiny()
     randlora.inject(other, ["head"], rank=2, seed=0)
     assert other.head._bases is bases
     # deepcopy keeps sharing.
-    import copy
-
     assert copy.deepcopy(model).head._bases is bases
 
 
 # -----------------------------------------------------------------------------
-# Sparse kinds (part of 11)
+# 3. Sparse kinds
 
 
 @pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
 def test_sparse_bases_ternary_density_and_compact(kind):
     D, d, r = 256, 64, 4
     b = randlora._Bases(r, 1, kind)
-    assert b.compact
-    A8, Bf8, scale = b.get(D, d, CPU, torch.float32)
-    assert A8.dtype == torch.int8 and Bf8.dtype == torch.int8 and scale is not None
-    assert all(v[0].dtype == torch.int8 and v[1].dtype == torch.int8 for v in b._cache.values())
+    scale = b.scale(d)
+    assert scale is not None and randlora._Bases(r, 1).scale(d) is None  # int8 plus a scale; dense bases are floats
+    A8, Bf8 = b.get(D, d, CPU, torch.float32)
+    assert A8.dtype == torch.int8 and Bf8.dtype == torch.int8
+    assert all(t.dtype == torch.int8 for t in _copies(b))
     s = 3.0 if kind == "sparse" else d**0.5
     assert abs(scale - s**0.5) < 1e-6
     A, Bf = b.dense(D, d)
@@ -262,17 +347,23 @@ def test_sparse_bases_ternary_density_and_compact(kind):
     pos, neg = (allv > 0).float().mean().item(), (allv < 0).float().mean().item()
     assert abs(pos - neg) < 0.02
     assert abs(allv.std().item() - 1) < 0.1  # divided by their std
-    # Same bytes for bf16 compute: int8 store is shared across compute dtypes.
-    b.get(D, d, CPU, torch.bfloat16)
-    assert len(b._cache) == 1
+    # Same bytes for bf16 compute: the int8 store is shared across compute dtypes (no new copy).
+    keys = list(b._copies)
+    A16, Bf16 = b.get(D, d, CPU, torch.bfloat16)
+    assert list(b._copies) == keys
+    assert A16.data_ptr() == A8.data_ptr() and Bf16.data_ptr() == Bf8.data_ptr()
 
 
 def test_very_sparse_uses_each_layers_own_sparsity():
     b = randlora._Bases(2, 0, "very_sparse")
-    _, _, s1 = b.get(64, 16, CPU, torch.float32)
-    _, _, s2 = b.get(64, 36, CPU, torch.float32)
+    b.get(64, 16, CPU, torch.float32)
+    b.get(64, 36, CPU, torch.float32)
+    s1, s2 = b.scale(16), b.scale(36)
     assert abs(s1 - 16**0.25) < 1e-6 and abs(s2 - 36**0.25) < 1e-6
-    assert len(b._cache) == 2
+    assert {k[2] for k in b._copies} == {16**0.5, 36**0.5}  # one int8 store per sparsity
+    for d, s in ((16, s1), (36, s2)):
+        A, Bf = b.dense(64, d)
+        assert torch.unique(torch.cat([A.flatten(), Bf.flatten()]) / s).tolist() == [-1.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
@@ -286,18 +377,20 @@ def test_sparse_layer_bit_identical_to_explicit_dense_bases(kind, shape):
     randomize_(layer, 2)
     x = torch.randn(2, 5, in_f)
     outs = {}
-    for path in ("factorized", "build"):
-        layer.strategy = path
-        outs[path] = layer(x)
-    A, Bf = layer._bases.dense(layer.D, layer.d)
-    explicit = randlora._StoredBases(rank, A.clone(), Bf.reshape(layer.D, layer.n, rank).clone())
-    sparse_bases = layer._bases
-    layer._bases = explicit
-    assert not explicit.compact
-    for path in ("factorized", "build"):
-        layer.strategy = path
-        assert torch.equal(layer(x), outs[path]), path
-    layer._bases = sparse_bases
+    for strategy in ("factorized", "build"):
+        layer.strategy = strategy
+        outs[strategy] = layer(x)
+    # The same values as explicit float32 bases (stored ones, as a PEFT file gives them): bit for bit.
+    explicit = randlora.RandLoraLinear(
+        copy.deepcopy(base), randlora.RandLoraConfig(rank=rank, alpha=6.0), bases=randlora._Bases(rank, stored=layer.random_bases())
+    )
+    assert layer._plan.scale is not None and explicit._plan.scale is None
+    with torch.no_grad():
+        explicit.lam.copy_(layer.lam)
+        explicit.gam.copy_(layer.gam)
+    for strategy in ("factorized", "build"):
+        explicit.strategy = strategy
+        assert torch.equal(explicit(x), outs[strategy]), strategy
     # And the output matches the float64 reference.
     W = base.weight.detach().double()
     ref = x.double() @ (W + ref_layer_delta(layer)).t() + base.bias.detach().double()

@@ -55,12 +55,12 @@ def test_tiny_example_end_to_end(tmp_path, minilm):
     assert "reload check: outputs of the reloaded adapter and the trained model are identical (torch.equal)" in proc.stdout
     assert re.search(r"merged RandLoRA .* \(ratio \d", proc.stdout)
 
-    # The saved adapter and head load into a fresh MiniLM and reproduce a trained RandLoRA model.
-    base, _ = minilm
-    model = randlora.load_adapter(te.Bert(te.BertConfig()), out)
+    # The saved adapter, the trained head inside it, loads into a fresh MiniLM classifier.
+    model = randlora.load_adapter(te.Classifier(te.Bert(te.BertConfig()), 2), out)
     lams = [p for n, p in model.named_parameters() if n.endswith(".lam")]
     assert len(lams) == 36 and any(p.abs().sum() > 0 for p in lams)  # trained, not the zero init
-    assert os.path.exists(str(out).replace(".safetensors", ".head.safetensors"))
+    assert isinstance(model.head, randlora.SavedModule) and not torch.equal(model.head.trained.weight, model.head.original.weight)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors"]  # one file, no numpy-only head file beside it
 
 
 def test_minilm_loader_matches_transformers(tmp_path, minilm):

@@ -1,14 +1,28 @@
-"""RandLoRA at scale and in the ecosystem (GitHub issue 6).
+"""RandLoRA at scale and in the ecosystem (GitHub issues 6 and 18).
 
 * Data parallel, 2 CPU processes with gloo: DDP under default arguments equals single-process
   training on the whole batch, keeps ranks identical and never broadcasts the bases (they are
-  no buffers: each rank regenerates them from the seed); FSDP2 (``fully_shard`` per block)
-  trains the same way and ``save_adapter`` gathers the shards and writes from rank 0 only.
-* ``torch.compile``, activation checkpointing (``torch.utils.checkpoint`` and transformers'
+  neither parameters nor buffers: each process draws its own copy from the seed at inject);
+  FSDP2 (``fully_shard`` per block) trains the same way and ``save_adapter`` gathers the shards
+  and writes from rank 0 only.
+* ``torch.compile`` (issue 18): a freshly injected model compiles with ``fullgraph=True`` and
+  trains from the very first call (the bases exist from inject on: nothing is generated inside
+  a graph) on tiny LLaMA, BERT (with a module to save), GPT-2 (Conv1D), T5 and
+  nn.TransformerEncoder (nn.MultiheadAttention) models and on a bitsandbytes 4-bit base, equal
+  to eager, without recompiling across steps; ``load_adapter`` hot-swaps adapters into a
+  compiled model without recompiling. Inductor itself compiles the build strategy with int8 bases.
+* Activation checkpointing (``torch.utils.checkpoint`` and transformers'
   ``gradient_checkpointing_enable``) and ``torch.autocast`` against eager float32.
 * A hand-written int8 linear-like layer is adapted beside its own forward; merging it raises.
-* Sparse / very sparse bases are cached as int8 (2x below dense bf16 bases) and compute exactly
-  what the dense float version of the same bases computes.
+* Sparse / very sparse bases are kept as int8 (half of dense bf16 bases) and compute exactly what
+  the dense float version of the same bases computes.
+* Adapter files on real architectures (LLaMA, GPT-2 with its tied head, nn.MultiheadAttention
+  blocks, nn.TransformerEncoder): save_adapter -> load_adapter into a fresh model is bit-identical;
+  merge and eject keep the float64 reference's outputs; files are written and read without numpy.
+
+Compile tests use ``CompileCounterWithBackend("aot_eager")`` (dynamo and AOTAutograd as inductor
+gets them, forward and backward graphs, without inductor's C++ builds: tens of seconds on 2
+cores) and count compiled frames; one test runs inductor itself.
 """
 
 from __future__ import annotations
@@ -25,13 +39,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.utils.checkpoint import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import randlora  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
+from conftest import (  # noqa: E402
+    arch_base,
+    arch_inputs,
+    arch_randomize,
+    arch_run,
+    assert_close,
+    bnb_linear,
+    ref_delta,
+    rel_err,
+    tiny_llama,
+)
 
 WORLD = 2
 RANK, SEED = 4, 7
@@ -132,16 +157,31 @@ def reference(steps: int = 3) -> Net:
     return model
 
 
-def cache_bytes(bases: randlora._Bases) -> int:
-    return sum(t.untyped_storage().nbytes() for hit in bases._cache.values() for t in hit[:2])
+def copies_tensors(bases) -> list[torch.Tensor]:
+    """Every tensor the shared bases keep (``_Bases._copies``: per (device, dtype) A and B, and the
+    int8 A per width for sparse kinds)."""
+    return [t for v in bases._copies.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
 
 
-def bases_digest(bases: randlora._Bases) -> str:
-    """sha256 of the float32 CPU bases of the largest layer of Net (D = 40, d = 24)."""
+def copies_bytes(bases) -> int:
+    return sum(t.untyped_storage().nbytes() for t in copies_tensors(bases))
+
+
+def bases_digest(model: Net) -> str:
+    """sha256 of the float32 bases of Net's largest layer (blocks.0.up: D = 40, d = 24)."""
     h = hashlib.sha256()
-    for t in bases.get(40, 24, torch.device("cpu"), torch.float32)[:2]:
+    for t in model.blocks[0].up.random_bases(torch.float32):
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls: with the cores shared, one intra-op thread is ~10x faster than several.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # -----------------------------------------------------------------------------
@@ -172,13 +212,15 @@ def _ddp_part(rank: int, out_dir: str) -> None:
         dist._broadcast_coalesced = counting
         model = make_model()
         shared = adapted(model)[0]._bases
+        at_inject = [(t.data_ptr(), tuple(t.shape), t.dtype) for t in copies_tensors(shared)]
         ddp = DDP(model)  # default arguments: broadcast_buffers=True
         at_init = list(broadcasts)
-        cache_after_init = len(shared._cache)
         x, t = data()
         losses = train(ddp, _shard(x, rank), _shard(t, rank))
+        after = [(t.data_ptr(), tuple(t.shape), t.dtype) for t in copies_tensors(shared)]
+        ours = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
         flat = torch.cat([p.reshape(-1) for p in adapter_params(model).values()])
-        mine = dict(digest=bases_digest(shared), flat=flat, losses=losses)
+        mine = dict(digest=bases_digest(model), flat=flat, losses=losses)
         everyone: list = [None] * WORLD
         dist.all_gather_object(everyone, mine)
         if rank == 0:
@@ -192,7 +234,9 @@ def _ddp_part(rank: int, out_dir: str) -> None:
                     broadcast_at_init=at_init,
                     broadcast_after_init=broadcasts[len(at_init) :],
                     numel=sum(v.numel() for v in model.state_dict().values()),
-                    cache_after_init=cache_after_init,
+                    copies_at_inject=at_inject,
+                    copies_after_training=after,
+                    copies_in_params_or_buffers=any(t.untyped_storage().data_ptr() in ours for t in copies_tensors(shared)),
                 ),
                 os.path.join(out_dir, "ddp.pt"),
             )
@@ -248,9 +292,25 @@ def two_ranks(tmp_path_factory):
                 raise
 
 
+def test_bases_exist_from_inject_on_and_are_no_state():
+    # A seed of its own: nothing else in this process made these bases. They are drawn at inject
+    # (not at the first forward), and are neither parameters nor buffers nor state.
+    for kind in ("dense", "sparse"):
+        model = make_model(kind, seed=103, blocks=1)
+        shared = adapted(model)[0]._bases
+        assert shared._copies and all(m._bases is shared for m in adapted(model))
+        before = [(t.data_ptr(), tuple(t.shape), t.dtype) for t in copies_tensors(shared)]
+        storages = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+        assert not any(t.untyped_storage().data_ptr() in storages for t in copies_tensors(shared))
+        assert not any("_bases" in k or "_copies" in k or "_views" in k for k in model.state_dict())
+        grads_of(model, *data())  # a forward and backward in the weights' dtype draws nothing new
+        assert [(t.data_ptr(), tuple(t.shape), t.dtype) for t in copies_tensors(shared)] == before, kind
+
+
 def test_ddp_equals_single_process_and_never_broadcasts_bases(two_ranks):
     got = torch.load(two_ranks / "ddp.pt", weights_only=False)
-    ref = adapter_params(reference())
+    ref_model = reference()
+    ref = adapter_params(ref_model)
 
     # Same result as one process on the whole batch.
     assert got["params"].keys() == ref.keys() and len(ref) == 2 * 3 * 2
@@ -263,14 +323,17 @@ def test_ddp_equals_single_process_and_never_broadcasts_bases(two_ranks):
 
     # The bases are nothing DDP knows of: no buffers, not in the state dict, never broadcast.
     assert got["buffers"] == []
-    assert not any("_bases" in k or "_cache" in k for k in got["state_keys"])
+    assert not any("_bases" in k or "_copies" in k for k in got["state_keys"])
     assert got["will_sync_buffers"] is False
+    assert got["copies_in_params_or_buffers"] is False
     assert sum(got["broadcast_at_init"]) == got["numel"]  # parameters only (base weights, lam, gam)
     assert got["broadcast_after_init"] == []  # nothing at any forward
-    # ... each rank generated them itself, after DDP was built, from the seed, and they agree.
-    assert got["cache_after_init"] == 0
+    # ... each process drew its own copy at inject (0.3: from inject on, before DDP was built),
+    # DDP and training left it as it was (no new copy, nothing regenerated), and they agree, with
+    # each other and with this process's.
+    assert got["copies_at_inject"] and got["copies_after_training"] == got["copies_at_inject"]
     assert r0["digest"] == r1["digest"]
-    assert r0["digest"] == bases_digest(randlora._seeded_bases(randlora.RandLoraConfig(rank=RANK, seed=SEED)))
+    assert r0["digest"] == bases_digest(ref_model)
 
 
 def test_fsdp2_trains_and_save_adapter_writes_from_rank0_only(two_ranks):
@@ -303,13 +366,11 @@ def test_fsdp2_trains_and_save_adapter_writes_from_rank0_only(two_ranks):
 
 def test_compile_matches_eager_forward_and_gradients():
     torch._dynamo.reset()
-    # A seed of its own: the compiled model meets a cold bases cache. Generating them is kept
-    # out of the graph (a graph break on the first call; later calls read the cache).
+    # A seed of its own: the bases were drawn at this inject, in no other graph or call before.
     model = make_model(seed=101, blocks=1)
     x, t = data()
-    # aot_eager: dynamo and AOTAutograd as inductor gets them, without inductor's C++ builds
-    # (tens of seconds on 2 cores); inductor itself runs in the next test.
-    compiled = torch.compile(model, backend="aot_eager")
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)  # 0.2 needed a graph break here
     for call in range(2):
         yc, gc = grads_of(compiled, x, t)
         ye, ge = grads_of(model, x, t)
@@ -317,20 +378,209 @@ def test_compile_matches_eager_forward_and_gradients():
         assert gc.keys() == ge.keys() and len(ge) == 2 * 3
         for name in ge:
             close(gc[name], ge[name], 1e-5, f"{name}, call {call}")
+    assert cnt.frame_count == 1
 
 
-def test_compile_fullgraph_merged_path_compact_bases_after_one_eager_step():
+def test_compile_inductor_fullgraph_build_strategy_compact_bases():
+    # The default backend (inductor, C++ on CPU), the build strategy and int8 bases, compiled as
+    # freshly injected (0.2 needed one eager step first, to draw the bases outside the graph).
     torch._dynamo.reset()
     model = make_model("sparse", seed=102, blocks=1)
     for m in adapted(model):
         m.strategy = "build"
+    twin = copy.deepcopy(model)
     x, t = data()
-    ye, ge = grads_of(model, x, t)  # warms the bases cache: nothing is left to generate in the graph
-    compiled = torch.compile(model, fullgraph=True)  # default backend: inductor (C++ on CPU)
+    compiled = torch.compile(model, fullgraph=True)
     yc, gc = grads_of(compiled, x, t)
+    ye, ge = grads_of(twin, x, t)
     close(yc, ye, 1e-5, "output")
     for name in ge:
         close(gc[name], ge[name], 1e-5, name)
+
+
+# Issue 18: tiny models of the architectures the README names, compiled with fullgraph=True right
+# after inject. The loss is computed outside the model (from its output): transformers' own loss
+# path logs warnings, which dynamo refuses under fullgraph, base model or not.
+
+
+def _llama():
+    return tiny_llama(num_hidden_layers=1)
+
+
+def _bert():
+    import transformers
+
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _gpt2():
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _t5():
+    import transformers  # the encoder: T5's attention, relative bias and DenseActDense (reads wo.weight)
+
+    cfg = transformers.T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=64, dropout_rate=0.0)
+    return transformers.T5EncoderModel(cfg)
+
+
+class Encoder(nn.Module):
+    """torch's nn.TransformerEncoder: nn.MultiheadAttention (a parametrized in-projection, an
+    out_proj it reads) and linear1 / linear2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids)
+
+
+COMPILE_CASES = {
+    "llama": (_llama, "all-linear", {}),
+    "bert": (_bert, "all-linear", {"modules_to_save": ["classifier"]}),
+    "gpt2": (_gpt2, ["c_attn", "c_proj", "c_fc"], {}),
+    "t5": (_t5, ["q", "k", "v", "o", "wi", "wo"], {}),
+    "encoder": (Encoder, ["self_attn", "linear1", "linear2"], {}),
+}
+
+
+def _inputs(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(2, 6, 32, generator=g) if kind == "encoder" else torch.randint(0, 64, (2, 6), generator=g)
+
+
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", list(COMPILE_CASES))
+def test_compile_fullgraph_trains_a_freshly_injected_model(kind):
+    build, targets, extra = COMPILE_CASES[kind]
+    torch.manual_seed(sorted(COMPILE_CASES).index(kind))
+    base = build().train()
+    x = _inputs(kind)
+    # The harness itself: the plain base model compiles with fullgraph=True the same way.
+    torch._dynamo.reset()
+    plain = CompileCounter()
+    _output(torch.compile(copy.deepcopy(base), backend=plain, fullgraph=True), x).float().square().mean().backward()
+    assert plain.frame_count == 1
+
+    torch._dynamo.reset()
+    model = randlora.inject(base, targets, rank=4, **extra)  # fresh: lam = 0, nothing ran yet
+    eager = copy.deepcopy(model)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    params, eager_params = _trainable(model), _trainable(eager)
+    assert params.keys() == eager_params.keys() and sum(n.endswith(".lam") for n in params) >= 4
+    w = None
+    opts = [torch.optim.SGD(p.values(), lr=0.05) for p in (params, eager_params)]
+    for step in range(3):  # the first call compiles and trains; later ones reuse the graph
+        yc = _output(compiled, x)
+        w = torch.randn(yc.shape, generator=torch.Generator().manual_seed(step)) if w is None else w
+        (yc.float() * w).sum().backward()
+        ye = _output(eager, x)
+        (ye.float() * w).sum().backward()
+        assert yc.dtype == ye.dtype == torch.float32
+        assert_close(yc, ye, 1e-5, what=f"{kind} output, step {step}")
+        for name, p in params.items():
+            assert p.grad is not None, (step, name)
+            assert_close(p.grad, eager_params[name].grad, 1e-5, what=f"{kind} {name}.grad, step {step}")
+        lam_moves = all(p.grad.abs().max() > 0 for n, p in params.items() if n.endswith(".lam"))
+        gam_moves = all(p.grad.abs().max() > 0 for n, p in params.items() if n.endswith(".gam"))
+        assert lam_moves and (gam_moves or step == 0), (step, lam_moves, gam_moves)  # gam's grad is lam-scaled: 0 at first
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert cnt.frame_count == 1, f"recompiled: {cnt.frame_count} frames"
+
+
+def test_compile_fullgraph_4bit_base():
+    # bitsandbytes' Linear4bit (nf4, float32 compute) on the CPU: the factorized route calls its own
+    # forward (bitsandbytes' gemm_4bit op), the build route dequantizes W; both stay in one graph
+    # with bitsandbytes 0.50 (its ops are torch custom ops) and equal eager.
+    for strategy in ("factorized", "build"):
+        torch._dynamo.reset()
+        model = nn.Sequential(bnb_linear("nf4", 16, 32, seed=3), nn.GELU(), nn.Linear(32, 8))
+        randlora.inject(model, ["0", "2"], rank=4, strategy=strategy)
+        assert model[0].layout == "4bit"
+        with torch.no_grad():
+            for m in adapted(model):
+                m.lam.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        eager = copy.deepcopy(model)
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=cnt, fullgraph=True)
+        x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+        for step in range(2):
+            yc, gc = grads_of(compiled, x, torch.zeros(5, 8))
+            ye, ge = grads_of(eager, x, torch.zeros(5, 8))
+            assert_close(yc, ye, 1e-5, what=f"{strategy} output")
+            assert gc.keys() == ge.keys() == {"0.lam", "0.gam", "2.lam", "2.gam"}
+            for name in ge:
+                assert_close(gc[name], ge[name], 1e-5, what=f"{strategy} {name}")
+        assert cnt.frame_count == 1, strategy
+
+
+def test_compiled_model_hot_swaps_adapters(tmp_path):
+    # Issue 18.4: one compiled model serves two adapters in turn through load_adapter: the values
+    # are copied into the same lam/gam objects, so nothing recompiles and an optimizer built
+    # before keeps training them.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randlora.inject(Encoder().train(), ["self_attn", "linear1", "linear2"], rank=4)
+    x = _inputs("encoder")
+    files, trained = [], []
+    for i in (1, 2):  # two trained copies, saved
+        other = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(10 + i)
+        train(other, x, torch.randn(2, 6, 32, generator=g), steps=2)
+        randlora.save_adapter(other, tmp_path / f"a{i}.safetensors")
+        files.append(tmp_path / f"a{i}.safetensors")
+        trained.append(other)
+    assert not torch.equal(trained[0].encoder.layers[0].linear1.lam, trained[1].encoder.layers[0].linear1.lam)
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    params = _trainable(model)
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+    compiled(x).square().mean().backward()  # a training step before any swap: the one compile
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert cnt.frame_count == 1
+    for path, ref in [(files[0], trained[0]), (files[1], trained[1]), (files[0], trained[0])]:
+        randlora.load_adapter(model, path)
+        now = _trainable(model)
+        assert now.keys() == params.keys() and all(now[n] is p for n, p in params.items())  # the same objects
+        y = compiled(x)
+        assert_close(y, ref(x), 1e-5, what=str(path))
+        assert cnt.frame_count == 1, f"{path}: recompiled"
+    # The optimizer built before the swaps steps the loaded values, in place.
+    loaded = {n: p.detach().clone() for n, p in params.items()}
+    compiled(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    opt.step()
+    for name, p in params.items():
+        assert torch.equal(p.detach(), loaded[name] - 0.1 * grads[name]), name
+    assert any(g.abs().max() > 0 for g in grads.values())
+    assert cnt.frame_count == 1
 
 
 # -----------------------------------------------------------------------------
@@ -509,20 +759,24 @@ def test_int8_linear_like_layer_adapted_beside_its_forward(path):
 
 @pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
 def test_compact_sparse_bases_memory(kind):
-    # The benchmark model's shapes: D = 5632, d = 2048 at r = 32 (dense bf16 bases: 23.2 MB).
-    D, d = 5632, 2048
-    dense = randlora._Bases(32, seed=5, kind="dense")
-    compact = randlora._Bases(32, seed=5, kind=kind)
+    # The benchmark model's shapes: D = 5632, d = 2048 at r = 32 (dense bf16 bases: 23.2 MB; as
+    # int8: r·d + D·n·r = 11,599,872 bytes, the README's 11.6 MB).
+    D, d, r = 5632, 2048, 32
+    dense = randlora._Bases(r, seed=5, kind="dense")
+    compact = randlora._Bases(r, seed=5, kind=kind)
     dense.get(D, d, torch.device("cpu"), torch.bfloat16)
-    A, Bf, scale = compact.get(D, d, torch.device("cpu"), torch.bfloat16)
-    assert A.dtype == Bf.dtype == torch.int8 and scale is not None
+    A, Bf = compact.get(D, d, torch.device("cpu"), torch.bfloat16)
+    assert A.dtype == Bf.dtype == torch.int8 and A.shape == (r, d) and Bf.shape == (D, d)
+    assert compact.scale(d) is not None and dense.scale(d) is None
     assert set(A.unique().tolist()) == {-1, 0, 1}
-    ratio = cache_bytes(dense) / cache_bytes(compact)
+    assert copies_bytes(dense) == 2 * (r * d + D * d)
+    assert copies_bytes(compact) == r * d + D * d  # int8: one byte an entry, nothing else kept
+    ratio = copies_bytes(dense) / copies_bytes(compact)
     assert ratio >= 2.0, ratio
     # ... and 4x below the float32 bases PEFT keeps.
-    f32 = randlora._Bases(32, seed=5, kind="dense")
+    f32 = randlora._Bases(r, seed=5, kind="dense")
     f32.get(D, d, torch.device("cpu"), torch.float32)
-    assert cache_bytes(f32) / cache_bytes(compact) >= 4.0
+    assert copies_bytes(f32) / copies_bytes(compact) >= 4.0
 
 
 @pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
@@ -530,10 +784,17 @@ def test_compact_sparse_bases_memory(kind):
 def test_compact_sparse_bases_match_dense_float_version(kind, dtype):
     model = make_model(kind).to(dtype)
     twin = copy.deepcopy(model)
-    for m in adapted(twin):  # the dense float version of exactly these bases, per layer
-        A, Bf = m._bases.dense(m.D, m.d, torch.float32)
-        m._bases = randlora._StoredBases(m.rank, A, Bf.view(m.D, m.n, m.rank))
-    assert not any(m._bases.compact for m in adapted(twin))
+    for blk in twin.blocks:  # the dense float version of exactly these bases, per layer
+        for name in TARGETS:
+            m = getattr(blk, name)
+            stored = randlora._Bases(m.rank, stored=m.random_bases(torch.float32))
+            new = randlora.RandLoraLinear(m.base, m.config, m.name, bases=stored)
+            with torch.no_grad():
+                new.lam.copy_(m.lam)
+                new.gam.copy_(m.gam)
+            setattr(blk, name, new)
+    assert all(m._bases.stored is not None for m in adapted(twin))
+    assert all(t.is_floating_point() for m in adapted(twin) for t in copies_tensors(m._bases))
     x, t = data()
     x = x.to(dtype)
     for path in ("factorized", "build"):
@@ -542,7 +803,164 @@ def test_compact_sparse_bases_match_dense_float_version(kind, dtype):
         y0, g0 = grads_of(model, x, t)
         y1, g1 = grads_of(twin, x, t)
         assert torch.equal(y0, y1), path
+        assert g0.keys() == g1.keys() and len(g0) == 2 * 3 * 2
         for name in g0:
             assert torch.equal(g0[name], g1[name]), (path, name)
     for m in adapted(model):
-        assert all(v[0].dtype == torch.int8 for v in m._bases._cache.values())
+        assert all(t.dtype == torch.int8 for t in copies_tensors(m._bases))
+
+
+# -----------------------------------------------------------------------------
+# Adapter files on real architectures. The reference: a float64 copy of the model before inject
+# with ``scaling * ΔW`` of each adapter (conftest's independent ref_delta on the adapter's public
+# random_bases and lam/gam) added to the weight it adapts.
+
+RTOL32 = 1e-4  # float32 model against the float64 reference (see conftest's ref_delta notes)
+MIN_EFFECT = 1e-2  # the adapters must move the outputs at least this much (relative)
+ARCH_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc", "lm_head"],  # c_proj: attn.c_proj and mlp.c_proj; lm_head tied to wte
+    "encoder": ["self_attn", "linear1", "linear2"],
+    **{k: ["attn", "c_fc", "c_proj"] for k in ("block", "block-sf", "block-kv")},
+}
+MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def arch_adapted(kind: str, rank: int = 6, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(model with random non-zero lam/gam, its untouched base copy, frozen as inject freezes it:
+    torch's MHA rounds differently when its projection weights require grad)."""
+    model = arch_base(kind)
+    before = copy.deepcopy(model).requires_grad_(False)
+    randlora.inject(model, ARCH_TARGETS[kind], rank, seed, alpha=2.0 * rank)
+    arch_randomize(model, seed)
+    return model, before
+
+
+def distinct_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    seen, out = set(), []
+    for name, ad in randlora.named_adapters(model):
+        if id(ad) not in seen:
+            seen.add(id(ad))
+            out.append((name, ad))
+    return out
+
+
+def slot(name: str, ad: nn.Module) -> tuple[str, str, bool]:
+    """Where an adapter's weight lives in the base model: (module path, parameter name, conv1d)."""
+    if isinstance(ad, randlora.RandLoraLinear):
+        return name, "weight", ad.layout == "conv1d"
+    parts = name.split(".")
+    i = max(i for i, p in enumerate(parts) if p in MHA_PARAMS)
+    return ".".join(p for p in parts[:i] if p != "parametrizations"), parts[i], False
+
+
+def arch_reference(before: nn.Module, model: nn.Module) -> nn.Module:
+    """A float64 copy of ``before`` with ``scaling * ΔW`` of each adapter of ``model`` added (each
+    adapted weight untied from anything else sharing it)."""
+    ref = copy.deepcopy(before).double()
+    for name, ad in distinct_adapters(model):
+        owner, pname, conv = slot(name, ad)
+        mod = ref.get_submodule(owner)
+        W = getattr(mod, pname).detach()
+        assert tuple(W.shape) == ((ad.in_features, ad.out_features) if conv else (ad.out_features, ad.in_features)), name
+        A, B = ad.random_bases(torch.float64)
+        dW = ad.scaling * ref_delta(A, B, ad.lam.detach(), ad.gam.detach(), ad.out_features, ad.in_features)
+        mod._parameters.pop(pname)
+        setattr(mod, pname, nn.Parameter(W + (dW.t() if conv else dW), requires_grad=False))
+    return ref
+
+
+def check_against_reference(model, ref, before, inp, what) -> None:
+    """``model`` (float32, eval, no grad) == the float64 ``ref`` to RTOL32; the update matters."""
+    for m in (model, ref, before):
+        m.eval()
+    with torch.no_grad():
+        got, want, plain = arch_run(model, inp), arch_run(ref, inp, torch.float64), arch_run(before, inp)
+    assert rel_err(want, plain) > MIN_EFFECT, f"{what}: the update hardly changes the output"
+    assert_close(got, want, RTOL32, what=what)
+
+
+def save_load_identical(model: nn.Module, fresh: nn.Module, inp, path) -> nn.Module:
+    """save_adapter -> load_adapter into ``fresh`` -> the same lam/gam and bit-identical outputs
+    (train with grad, and eval without)."""
+    randlora.save_adapter(model, path)
+    randlora.load_adapter(fresh, path)
+    mine, theirs = dict(distinct_adapters(model)), dict(distinct_adapters(fresh))
+    assert mine.keys() == theirs.keys()
+    for n in mine:
+        assert torch.equal(mine[n].lam, theirs[n].lam) and torch.equal(mine[n].gam, theirs[n].gam), n
+    for train, grad in ((True, True), (False, False)):
+        model.train(train)
+        fresh.train(train)
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(arch_run(fresh, inp), arch_run(model, inp)), f"train={train}"
+    return fresh
+
+
+def test_llama_merge_eject_and_save_load(tmp_path):
+    model, before = arch_adapted("llama")
+    inp = arch_inputs("llama")
+    ref = arch_reference(before, model)
+    check_against_reference(model, ref, before, inp, "llama")
+    save_load_identical(model, arch_base("llama"), inp, tmp_path / "a.safetensors")
+    randlora.merge(model)
+    check_against_reference(model, ref, before, inp, "llama merged")
+    randlora.eject(model)
+    assert not list(randlora.named_adapters(model))
+    assert all(type(model.get_submodule(n)) is nn.Linear for n, m in before.named_modules() if isinstance(m, nn.Linear))
+    check_against_reference(model, ref, before, inp, "llama ejected")
+
+
+def test_gpt2_save_load(tmp_path):
+    model, _ = arch_adapted("gpt2")
+    fresh = save_load_identical(model, arch_base("gpt2"), arch_inputs("gpt2"), tmp_path / "a.safetensors")
+    assert fresh.transformer.wte.weight is fresh.lm_head.base.weight  # still tied after the load
+
+
+@pytest.mark.parametrize("kind", ["block", "block-sf", "block-kv"])
+def test_mha_save_load_bit_identical(kind, tmp_path):
+    model, _ = arch_adapted(kind)
+    fresh = save_load_identical(model, arch_base(kind), arch_inputs(kind), tmp_path / "a.safetensors")
+    assert isinstance(fresh.attn, nn.MultiheadAttention)
+
+
+def test_encoder_save_load_bit_identical(tmp_path):
+    model = randlora.inject(arch_base("encoder"), ARCH_TARGETS["encoder"], 6, alpha=12.0)
+    arch_randomize(model)
+    save_load_identical(model, arch_base("encoder"), arch_inputs("encoder"), tmp_path / "a.safetensors")
+
+
+def test_save_and_load_without_numpy(tmp_path):
+    import subprocess
+
+    script = f"""
+import sys
+sys.modules["numpy"] = None  # any import of numpy now fails
+sys.path.insert(0, {ROOT!r})
+import torch, torch.nn as nn
+try:
+    import numpy  # noqa: F401
+    raise SystemExit("numpy was importable")
+except ImportError:
+    pass
+import randlora
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+fresh = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+fresh.load_state_dict(model.state_dict())
+randlora.inject(model, ["0", "2"], 4)
+with torch.no_grad():
+    for _, a in randlora.named_adapters(model):
+        a.lam.uniform_(0.5, 1.0)
+path = {str(tmp_path / "a.safetensors")!r}
+randlora.save_adapter(model, path)
+randlora.load_adapter(fresh, path)
+x = torch.randn(3, 16)
+with torch.no_grad():
+    assert torch.equal(model(x), fresh(x))
+    assert not torch.equal(model(x), fresh[2].base(fresh[1](fresh[0].base(x))))
+print("ok")
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -1,14 +1,18 @@
-"""Training with transformers.Trainer: adapter-only checkpoints (randlora.trainer_callback) and
-resuming from them, bit-exact against an uninterrupted run."""
+"""Training with transformers.Trainer: adapter-only checkpoints, from the start (randlora.trainer_class) or by
+replacing the Trainer's whole-model files after each save (randlora.trainer_callback), written where
+``args.should_save`` says (every node's local rank 0 with ``save_on_each_node``), and resuming from them bit-exact
+against an uninterrupted run."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import safetensors.torch
 import torch
 import transformers  # a test extra: missing, this must fail, not skip
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import randlora
 from conftest import tiny_llama
@@ -39,7 +43,7 @@ def base_model(kind: str) -> torch.nn.Module:
     cfg = transformers.BertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
         max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    )  # fmt: skip
     return transformers.BertForSequenceClassification(cfg)
 
 
@@ -52,11 +56,17 @@ def adapted(kind: str) -> torch.nn.Module:
     return randlora.inject(base_model(kind), targets, RANK, alpha=16.0, **kw)
 
 
-def make_trainer(model, out, kind, max_steps=STEPS) -> "transformers.Trainer":
+def make_trainer(model, out, kind, how, max_steps=STEPS, **args) -> transformers.Trainer:
+    """A Trainer saving every step: ``how`` = "class" (randlora.trainer_class()) or "callback" (transformers.Trainer
+    with randlora.trainer_callback())."""
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=max_steps, save_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
-        use_cpu=True, report_to=[], logging_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-    )
+        use_cpu=True, report_to=[], logging_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True, **args,
+    )  # fmt: skip
+    if how == "class":
+        cls = randlora.trainer_class()
+        assert issubclass(cls, transformers.Trainer)
+        return cls(model=model, args=args, train_dataset=Rows(kind))
     return transformers.Trainer(model=model, args=args, train_dataset=Rows(kind), callbacks=[randlora.trainer_callback()])
 
 
@@ -64,11 +74,51 @@ def adapter_values(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in randlora.adapter_state_dict(model).items()}
 
 
+def no_whole_model_writes(monkeypatch) -> list:
+    """Make every way the Trainer writes a whole model fail (save_pretrained, safetensors.torch.save_file / save_model)
+    and record the files torch.save writes."""
+
+    def refuse(what):
+        def f(*a, **k):
+            raise AssertionError(f"{what} was called: the whole model is being written")
+
+        return f
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", refuse("save_pretrained"))
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse("safetensors.torch.save_file"))
+    monkeypatch.setattr(safetensors.torch, "save_model", refuse("safetensors.torch.save_model"))
+    written, real_save = [], torch.save
+
+    def save(obj, f, *a, **k):
+        written.append(os.path.basename(str(f)))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    return written
+
+
+def check_adapter_only(ckpt, model) -> None:
+    """The checkpoint holds the adapter, and its model file holds only the trainable tensors (under the model's keys)."""
+    names = sorted(os.listdir(ckpt))
+    assert randlora.TRAINER_ADAPTER_NAME in names and "model.safetensors" in names, names
+    assert not [n for n in names if n.startswith(("model-", "pytorch_model"))], names
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert keys == trainable and all(k.endswith((".lam", ".gam")) or ".trained." in k for k in keys)
+    size = sum(os.path.getsize(ckpt / n) for n in names if n.endswith((".safetensors", ".bin")))
+    trainable_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    frozen_bytes = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    assert size < 2 * trainable_bytes + 16384 < frozen_bytes, (size, trainable_bytes, frozen_bytes)
+
+
+@pytest.mark.parametrize("how", ["class", "callback"])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(kind, tmp_path):
+def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(kind, how, tmp_path, monkeypatch):
+    written = no_whole_model_writes(monkeypatch) if how == "class" else []  # trainer_class: never the whole model
     # Uninterrupted run.
     full = adapted(kind)
-    trainer = make_trainer(full, tmp_path / "full", kind)
+    trainer = make_trainer(full, tmp_path / "full", kind, how)
     trainer.train()
     want_values = adapter_values(full)
     want_opt = trainer.optimizer.state_dict()
@@ -77,22 +127,17 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(kind, tmp_path)
     if kind == "bert":
         assert {k for k in want_values if "classifier" in k} == {"classifier.weight", "classifier.bias"}
 
-    # Each checkpoint holds the adapter, and its model file holds only the trainable tensors.
     ckpt = tmp_path / "full" / "checkpoint-1"
-    names = sorted(os.listdir(ckpt))
-    assert randlora.TRAINER_ADAPTER_NAME in names and "optimizer.pt" in names, names
-    assert not [n for n in names if n.startswith(("model-", "pytorch_model"))], names
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
+    for step in range(1, STEPS + 1):
+        check_adapter_only(tmp_path / "full" / f"checkpoint-{step}", full)
+    assert "optimizer.pt" in os.listdir(ckpt)
     trainable = {n for n, p in full.named_parameters() if p.requires_grad}
-    assert keys == trainable and all(k.endswith((".lam", ".gam")) or ".trained." in k for k in keys)
-    size = sum(os.path.getsize(ckpt / n) for n in names if n.endswith((".safetensors", ".bin")))
-    trainable_bytes = sum(p.numel() * 4 for p in full.parameters() if p.requires_grad)
-    frozen_bytes = sum(p.numel() * 4 for p in full.parameters() if not p.requires_grad)
-    assert size < 2 * trainable_bytes + 16384 < frozen_bytes, (size, trainable_bytes, frozen_bytes)
+    last = tmp_path / "full" / f"checkpoint-{STEPS}"
+    for k, v in load_file(str(last / "model.safetensors")).items():
+        assert torch.equal(v, full.get_parameter(k)), k
 
     # The adapter file loads into a plain model.
-    plain = randlora.load_adapter(base_model(kind), tmp_path / "full" / f"checkpoint-{STEPS}" / randlora.TRAINER_ADAPTER_NAME)
+    plain = randlora.load_adapter(base_model(kind), last / randlora.TRAINER_ADAPTER_NAME)
     for k, v in randlora.adapter_state_dict(plain).items():
         assert torch.equal(v, want_values[k]), k
 
@@ -100,7 +145,7 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(kind, tmp_path)
     resumed = randlora.load_adapter(base_model(kind), ckpt / randlora.TRAINER_ADAPTER_NAME)
     assert not all(torch.equal(v, want_values[k]) for k, v in adapter_values(resumed).items())
     assert {n for n, p in resumed.named_parameters() if p.requires_grad} == trainable
-    trainer2 = make_trainer(resumed, tmp_path / "full", kind)  # continues in the same output folder
+    trainer2 = make_trainer(resumed, tmp_path / "full", kind, how)  # continues in the same output folder
     trainer2.train(resume_from_checkpoint=str(ckpt))
     assert trainer2.state.global_step == STEPS
     for k, v in adapter_values(resumed).items():
@@ -111,3 +156,68 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_exactly(kind, tmp_path)
     for i, s in want_opt["state"].items():
         for k, v in s.items():
             assert torch.equal(got_opt["state"][i][k], v), (i, k)
+    check_adapter_only(tmp_path / "full" / f"checkpoint-{STEPS}", resumed)
+    if how == "class":
+        assert "optimizer.pt" in written and not [n for n in written if n.startswith(("model", "pytorch_model"))], written
+
+
+def as_node_1(monkeypatch) -> None:
+    """This process becomes global rank 2 of 4, local rank 0 of its node (node 1, two processes per node), as far as
+    the Trainer's arguments say and, while it saves (checkpoint and callbacks), torch.distributed's rank (the Trainer
+    itself still trains as one process: its data loader would ask an initialized process group for its size)."""
+    monkeypatch.setattr(transformers.TrainingArguments, "process_index", property(lambda self: 2))
+    monkeypatch.setattr(transformers.TrainingArguments, "local_process_index", property(lambda self: 0))
+
+    def as_rank_2(real):
+        def f(*a, **k):
+            dist, saved = torch.distributed, (torch.distributed.is_initialized, torch.distributed.get_rank)
+            dist.is_initialized, dist.get_rank = (lambda: True), (lambda group=None: 2)
+            try:
+                return real(*a, **k)
+            finally:
+                dist.is_initialized, dist.get_rank = saved
+
+        return f
+
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", as_rank_2(transformers.Trainer._save_checkpoint))
+    handler = transformers.trainer_callback.CallbackHandler
+    monkeypatch.setattr(handler, "on_save", as_rank_2(handler.on_save))
+
+
+@pytest.mark.parametrize("how", ["class", "callback"])
+def test_save_on_each_node_writes_adapter_checkpoints_on_node_1(how, tmp_path, monkeypatch):
+    """Issue 19.6: with save_on_each_node=True, node 1's local rank 0 (global rank 2: args.should_save is True there)
+    writes complete adapter checkpoints, which load; without it, that rank writes no adapter file."""
+    as_node_1(monkeypatch)
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path / "node1", "llama", how, save_on_each_node=True)
+    assert trainer.args.should_save and not trainer.is_world_process_zero()
+    ranks, real_checkpoint = [], randlora._adapter_checkpoint
+
+    def checkpoint(*a, **k):  # records the rank torch.distributed reports while a checkpoint is written
+        ranks.append(torch.distributed.get_rank() if torch.distributed.is_initialized() else None)
+        return real_checkpoint(*a, **k)
+
+    monkeypatch.setattr(randlora, "_adapter_checkpoint", checkpoint)
+    trainer.train()
+    assert ranks and set(ranks) == {2}, ranks  # the saves ran as global rank 2
+    want = adapter_values(model)
+    for step in range(1, STEPS + 1):
+        ckpt = tmp_path / "node1" / f"checkpoint-{step}"
+        check_adapter_only(ckpt, model)
+        plain = randlora.load_adapter(base_model("llama"), ckpt / randlora.TRAINER_ADAPTER_NAME)
+        assert set(randlora.adapter_state_dict(plain)) == set(want)
+    for k, v in randlora.adapter_state_dict(plain).items():
+        assert torch.equal(v, want[k]), k
+    for k, v in load_file(str(ckpt / "model.safetensors")).items():
+        assert torch.equal(v, model.get_parameter(k)), k
+
+    other = make_trainer(adapted("llama"), tmp_path / "not_saving", "llama", how, max_steps=1)  # save_on_each_node=False
+    assert not other.args.should_save
+    if how == "callback":  # the Trainer writes no checkpoint folder there; the callback writes nothing either
+        other.train()
+    else:
+        other.save_model(str(tmp_path / "not_saving" / "final"))
+        other.train()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "not_saving") for f in fs]
+    assert not [f for f in files if f.endswith((randlora.TRAINER_ADAPTER_NAME, "model.safetensors"))], files
