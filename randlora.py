@@ -1273,6 +1273,7 @@ def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[
 
 def summary(model: nn.Module) -> str:
     """A table of the adapted layers and saved modules, then the exact count of trainable parameters and their share."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     adapters, head = list(named_adapters(model)), ("layer", "out x in", "bases", "trainable")
     rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), f"{m.lam.numel() + m.gam.numel():,}") for n, m in adapters)]
     rows += [(f"{n} (saved in full)", "-", "-", f"{sum(p.numel() for p in s.trained.parameters()):,}") for n, s in _saved_modules(model).items()]
@@ -1297,6 +1298,7 @@ _ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"`` and each module to save's full state."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     state = {f"{n}.{p}": getattr(m, p).detach() for n, m in named_adapters(model) for p in ("lam", "gam")}
     return state | {f"{n}.{k}": v.detach() for n, s in _saved_modules(model).items() for k, v in s.trained.state_dict().items()}
 
@@ -1304,6 +1306,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place: exact keys and shapes,
     dense finite floats, or ``TypeError``/``ValueError`` and the model unchanged (``RuntimeError`` while merged)."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = {n: (m.out_features, m.in_features, m.config) for n, m in named_adapters(model)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers; inject() first or use load_adapter()")
@@ -1337,6 +1340,7 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
           tensors: Mapping, bases: _Bases | None = None) -> nn.Module:  # fmt: skip
     """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``; a plain model gets
     exactly the recorded ``layers`` (``{name: (out, in, config)}``), an adapted one must have them already."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise ValueError(f"{source}: cannot load values into a model on the meta device ({len(meta)} parameters, e.g. "
@@ -1582,6 +1586,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = dict(named_adapters(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
@@ -1786,6 +1791,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     (every CPU, most GPUs), else float16; the file does not record which: ``draw_dtype`` chooses. Refused, model
     unchanged: fields this does not implement (``layers_to_transform``, ``rank_pattern``, bias, ...), a model with
     RandLoRA layers, targets or keys that do not fit, bad values, stored bases that disagree."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     folder = _peft_folder(path)
     cfg, weights = _peft_config(folder), os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
@@ -1859,6 +1865,7 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
 
 def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter], dict[str, SavedModule]]:
     """The adapters and modules to save of ``model``, refusing what PEFT ``what`` would compute differently."""
+    model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers, saved = dict(named_adapters(model)), _saved_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")

@@ -509,8 +509,8 @@ def test_layout_by_weight_not_class():
     assert_close(layer(x), x.double() @ W64.t() + wn.bias.detach().double(), 1e-5, what="weight_norm forward")
     own = randlora.RandLoraLinear(OwnForward(8, 6), Config(rank=2), name="own")
     assert own.layout == "opaque" and own.shows is None
-    with pytest.raises(AttributeError):
-        own.weight
+    with pytest.raises(AttributeError, match=r"'own' wraps a OwnForward with its own forward.*call the layer instead"):
+        own.weight  # the reason reaches the user (nn.Module.__getattr__ would replace it)
     # A float tensor subclass (torchao-style) may pack values and could be computed with: opaque,
     # and no .weight (showing the base's would let a reader skip the adapter).
     sub = nn.Linear(8, 6)
@@ -998,3 +998,23 @@ def test_meta_inject_shape_forward_and_deferred_init(kind):
     for ad in ads:
         assert torch.equal(ad.lam, torch.zeros_like(ad.lam))
         assert torch.equal(ad.gam, torch.full_like(ad.gam, 1 / max(ad.n, ad.d)))
+
+
+def test_assigning_the_weight_of_a_merged_layer_is_refused():
+    # Re-tying (tie_weights(), lm_head.weight = wte.weight) sets the base's weight; while merged that
+    # tensor would lose ΔW in the forward and get s·ΔW subtracted by the next unmerge: refused, nothing changed.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8))
+    randlora.inject(m, ["0"], rank=4)
+    randomize_(m[0], 1)
+    emb = nn.Parameter(torch.randn(8, 8))
+    before = emb.detach().clone()
+    randlora.merge(m)
+    merged = m[0].base.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"'0' is merged: unmerge\(model\) before assigning its weight"):
+        m[0].weight = emb
+    assert m[0].base.weight is not emb and torch.equal(m[0].base.weight, merged) and torch.equal(emb, before)
+    randlora.unmerge(m)
+    m[0].weight = emb  # unmerged: the base's weight, as tie_weights() wants
+    assert m[0].base.weight is emb
+

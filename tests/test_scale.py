@@ -565,8 +565,8 @@ def test_compiled_model_hot_swaps_adapters(tmp_path):
     opt.step()
     opt.zero_grad(set_to_none=True)
     assert cnt.frame_count == 1
-    for path, ref in [(files[0], trained[0]), (files[1], trained[1]), (files[0], trained[0])]:
-        randlora.load_adapter(model, path)
+    for i, (path, ref) in enumerate([(files[0], trained[0]), (files[1], trained[1]), (files[0], trained[0])]):
+        randlora.load_adapter(compiled if i == 1 else model, path)  # the compile wrapper or the model: the same names
         now = _trainable(model)
         assert now.keys() == params.keys() and all(now[n] is p for n, p in params.items())  # the same objects
         y = compiled(x)
@@ -581,6 +581,11 @@ def test_compiled_model_hot_swaps_adapters(tmp_path):
         assert torch.equal(p.detach(), loaded[name] - 0.1 * grads[name]), name
     assert any(g.abs().max() > 0 for g in grads.values())
     assert cnt.frame_count == 1
+    # Files and state dicts taken through the compile wrapper carry the model's own names.
+    randlora.save_adapter(compiled, tmp_path / "c.safetensors")
+    assert randlora.adapter_state_dict(compiled).keys() == randlora.adapter_state_dict(model).keys()
+    fresh = randlora.load_adapter(Encoder().train(), tmp_path / "c.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(randlora.adapter_state_dict(fresh).values(), randlora.adapter_state_dict(model).values()))
 
 
 # -----------------------------------------------------------------------------
