@@ -61,8 +61,7 @@ def _short_list(items: Sequence[object], limit: int = 10) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RandLoraConfig:
-    """One adapter's settings, validated once (README: API; docs/MATH.md#what-rank-means: a smaller rank trains more
-    parameters). ``alpha=None`` is ``20 * rank``; the bases are regenerated from ``seed``, never saved."""
+    """One adapter's settings, validated once (README: API). ``alpha=None`` is ``20 * rank``; the bases come from ``seed``."""
 
     rank: int = 32
     alpha: float | None = None
@@ -103,8 +102,7 @@ def _num_bases(d: int, rank: int) -> int:
 
 
 def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniforms for ``A`` ``(rank, d)`` in column blocks and ``B`` ``(D, n, rank)`` per basis and row block, each block from
-    a generator seeded by blake2b of its key (stable across processes): a prefix of the draws for any larger shape."""
+    """Uniforms for ``A`` ``(rank, d)`` and ``B`` ``(D, n, rank)``, each block from a generator seeded by blake2b of its key."""
 
     def draw(shape: tuple[int, int], *key: object) -> torch.Tensor:
         digest = hashlib.blake2b("|".join(map(str, ("randlora", seed, rank, *key))).encode(), digest_size=8).digest()
@@ -119,8 +117,7 @@ def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, tor
 
 
 def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
-    """Set the ternary square ``block``'s diagonal (0, or ±1 signed by its uniform) so that every leading principal minor
-    is odd: LU over GF(2) without pivoting, rows packed 62 bits per int64 word (docs/MATH.md#the-construction)."""
+    """Set ``block``'s diagonal (0 or ±1) so that every leading principal minor is odd: LU over GF(2), 62 bits per int64 word."""
     K, WB = block.shape[0], 62
     nw, idx = -(-K // WB), torch.arange(K)
     bits = torch.zeros(K, nw * WB, dtype=torch.int64)
@@ -140,9 +137,7 @@ def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
 
 
 def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` (-1, 0, +1 with probabilities 1/2s, 1 - 1/s, 1/2s) that
-    keep ΔW full rank: each group of consecutive columns of ``A`` (one per basis), and ``Bf``, get an odd-minor
-    diagonal. ``B`` stays prefix-stable; ``A`` depends on ``d`` exactly."""
+    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` with odd-minor diagonals: ΔW stays full rank (``A`` depends on ``d``)."""
     uA, uB = _uniform_AB(seed, rank, D, d)
     A, B = ((u > 1 - 1 / (2 * s)).to(torch.int8) - (u < 1 / (2 * s)).to(torch.int8) for u in (uA, uB))
     n, start = _num_bases(d, rank), 0
@@ -156,8 +151,7 @@ def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Te
 
 
 class _Bases:
-    """The bases all layers of one adapter share, ``A`` ``(r, d_max)``, ``B`` ``(D_max, n_max, r)``: drawn from ``seed``
-    (int8 plus a scale for sparse kinds) or ``stored`` (a PEFT file's); one copy per (device, dtype), grown on demand."""
+    """The bases one adapter's layers share, from ``seed`` or ``stored`` (a PEFT file's): one copy per (device, dtype), grown on demand."""
 
     def __init__(self, rank: int, seed: int = 0, kind: str = "dense", stored=None, peft: dict | None = None) -> None:
         self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
@@ -175,8 +169,7 @@ class _Bases:
         return 3.0 if self.kind == "sparse" else math.sqrt(width)  # a ternary entry is non-zero with probability 1/s
 
     def get(self, D: int, d: int, device, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (of ``width``'s
-        sparsity, ``d``'s by default), whose ``A`` is kept per exact ``d``."""
+        """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (sparsity of ``width``, else ``d``)."""
         s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
         key = (torch.device(device), dtype if s is None else torch.int8, s)
         hit = self._copies.get(key)  # (A, or None for sparse kinds, whose A is kept per d; B)
@@ -204,10 +197,8 @@ class _Bases:
     @classmethod
     def seeded(cls, config: RandLoraConfig) -> "_Bases":
         """The one bases object of ``config``'s (rank, seed, kind) while any layer holds it."""
-        bases = cls._shared.get(key := (config.rank, config.seed, config.bases))
-        if bases is None:
-            bases = cls._shared[key] = cls(*key)
-        return bases
+        key = (config.rank, config.seed, config.bases)
+        return cls._shared.setdefault(key, cls(*key))
 
 
 # -----------------------------------------------------------------------------
@@ -339,17 +330,15 @@ class _Call(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # a layer's backward asks for the same few (N, ...) every step
 def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool):
-    """The cheapest exact backward (multiply-adds beyond the base's): ``dX`` via ``"W'"`` (free when ``have_W``) or
-    ``"factorized"``, ``dS`` via ``"G"`` (``dY^T x``) or ``"factorized"`` (sharing ``dY Bf`` with a factorized dX)."""
+    """The cheapest exact backward (docs/MATH.md#cost-model): ``dX`` via ``"W'"`` or ``"factorized"``, ``dS`` via ``"G"`` or ``"factorized"``."""
     D, d = max(out_f, in_f), min(out_f, in_f)
     build, fact, G, shared = D * d * rn, N * rn * (D + d), N * D * d + D * d * rn, N * D * rn if out_f >= in_f else 0
-    best = None
-    for dx in ("W'", "factorized"):
-        for ds in ("G", "factorized"):
-            cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
-            cost += (G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0)) if need_S else 0
-            best = (cost, dx, ds) if best is None or cost < best[0] else best
-    return best[1], best[2]
+
+    def cost(dx: str, ds: str) -> int:
+        dx_cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
+        return dx_cost + ((G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0)) if need_S else 0)
+
+    return min([(dx, ds) for dx in ("W'", "factorized") for ds in ("G", "factorized")], key=lambda route: cost(*route))  # first of the cheapest
 
 
 def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
@@ -500,8 +489,7 @@ class _Views(dict):
 
 
 class RandLoraAdapter(nn.Module):
-    """What every adapter has: a config, the shared bases, a plan decided once, and the trained float32 ``lam`` ``(r, n)``
-    and ``gam`` ``(n, d)``, initialised as PEFT does (``lam = 0``: ΔW = 0; ``gam = 1 / max(n, d)``)."""
+    """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and ``gam``."""
 
     mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
 
@@ -521,7 +509,7 @@ class RandLoraAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's initialisation; also what a model built on the meta device gets at ``to_empty``."""
+        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on the meta device gets at ``to_empty``."""
         self.lam.zero_()
         self.gam.fill_(1 / max(self.n, self.d))
 
@@ -530,18 +518,15 @@ class RandLoraAdapter(nn.Module):
     scaling = property(lambda self: self.config.scaling)
     strategy = property(lambda self: self.config.strategy, lambda self, v: self.set_config(dataclasses.replace(self.config, strategy=v)))
 
-    @property
-    def path(self):
+    def _retired_path(self, value: object = None) -> None:
         raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
 
-    @path.setter
-    def path(self, value: object) -> None:
-        self.path  # noqa: B018 (the same error)
+    path = property(_retired_path, _retired_path)
 
     def __getattr__(self, name: str):
         # A property's AttributeError lands here, where nn.Module's would replace its message.
         if name == "path":
-            raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
+            self._retired_path()
         if name == "weight" and self.__dict__.get("shows", "") is None:
             raise AttributeError(f"RandLoraLinear {_short(self.name)} wraps a {type(self.base).__name__} with its own forward: code "
                                  "that reads its .weight would compute without the adapter (call the layer instead)")  # fmt: skip
@@ -701,9 +686,8 @@ _UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parame
 
 
 class RandLoraLinear(RandLoraAdapter):
-    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``, ``(*, in)`` -> ``(*, out)``.
-    ``base``: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``), or any module with ``in_features``,
-    ``out_features`` and a forward (a quantized linear: the adapter runs beside it). The base is frozen."""
+    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``, ``(*, in)`` -> ``(*, out)``. ``base``:
+    ``nn.Linear``, transformers' ``Conv1D``, or any module with ``in_features``, ``out_features`` and a forward (README: Supported layers)."""
 
     _merge_weight_key = "base.weight"
 
@@ -759,8 +743,7 @@ class RandLoraLinear(RandLoraAdapter):
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _memo_args(self, build: bool, W: torch.Tensor | None, dtype: torch.dtype) -> tuple:
-        """``(memo, key, keep)`` of an eager build forward: its backward looks in memo (a non-reentrant checkpoint runs the
-        first forward's node with the recompute's tensors); a recompute, or hold_weights, leaves ``W'`` there."""
+        """``(memo, key, keep)`` of an eager build forward: a checkpoint recompute, or hold_weights, leaves ``W'`` for backward."""
         if not build or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None, None, False
         m = self._memo
@@ -768,8 +751,7 @@ class RandLoraLinear(RandLoraAdapter):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight this layer computes with, for parents that read it: ``W + s ΔW`` (differentiable; a matmul per read,
-        once a step inside :func:`hold_weights`), the base's while merged or disabled, a packed quantized one as it is."""
+        """For parents that read it: ``W + s ΔW`` (differentiable), the base's while merged or disabled or packed."""
         if self.shows is None:
             raise AttributeError("weight")  # __getattr__ says why
         if self.shows == "base" or self.merged or self.disabled:
@@ -786,9 +768,8 @@ class RandLoraLinear(RandLoraAdapter):
 
 
 class RandLoraWeight(RandLoraAdapter):
-    """A RandLoRA update on a weight its module reads itself: ``nn.MultiheadAttention``'s ``in_proj_weight`` ``(3E, E)``
-    (``q/k/v_proj_weight`` when kdim/vdim differ), as a parametrization of ``owner.<param>``: reading it gives
-    ``W + s ΔW`` (``W`` while merged or disabled); ``W`` is ``owner.parametrizations.<param>.original``."""
+    """A RandLoRA update on a weight its module reads itself (``nn.MultiheadAttention``'s input projection), as a
+    parametrization of ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is ``owner.parametrizations.<param>.original``."""
 
     layout = "linear"
 
@@ -809,14 +790,13 @@ class RandLoraWeight(RandLoraAdapter):
         return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
     def unwrap(self) -> None:
-        """After :meth:`merge`, make the stored weight the owner's plain parameter again; the owner gets a class of its own
-        (the parametrized class, which a deepcopy of the owner shares, is left as it is)."""
+        """After :meth:`merge`, make the stored weight the owner's plain parameter again (the owner gets a class of its own)."""
         owner, param = self._slot
         original, cls = owner.parametrizations[param].original, type(owner)
         del owner.parametrizations[param]
         if len(owner.parametrizations) == 0:
             del owner.parametrizations
-        keep = {k: v for k, v in vars(cls).items() if k != param}
+        keep = {k: v for k, v in vars(cls).items() if k != param}  # a new class: a deepcopy of the owner shares the parametrized one
         owner.__class__ = type(cls.__name__, cls.__bases__, keep) if "parametrizations" in owner._modules else cls.__bases__[0]
         params = dict(owner._parameters, **{param: original})
         order = [k for k in self._param_order if k in params] + [k for k in params if k not in self._param_order]
@@ -831,9 +811,8 @@ class RandLoraWeight(RandLoraAdapter):
 
 
 class SavedModule(nn.Module):
-    """A module trained in full beside the adapters (``modules_to_save``: a task head). ``original`` is the module as it
-    was (frozen; what :func:`disable` computes with); ``trained`` a copy that trains and that adapter files carry in
-    full. Attributes the wrapper lacks are read from the module in use; :func:`eject` leaves ``trained``."""
+    """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`), ``trained``
+    a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module in use."""
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         super().__init__()
@@ -859,9 +838,8 @@ class SavedModule(nn.Module):
                 raise
             active = super().__getattr__("original" if self.__dict__.get("disabled") else "trained")
             if not hasattr(active, name):
-                raise AttributeError(
-                    f"SavedModule {_short(self.__dict__.get('name'))} and its {type(active).__name__} have no attribute {name!r}"
-                ) from None
+                raise AttributeError(f"SavedModule {_short(self.__dict__.get('name'))} and its {type(active).__name__} have no "
+                                     f"attribute {name!r}") from None  # fmt: skip
             return getattr(active, name)
 
     def extra_repr(self) -> str:
@@ -869,7 +847,7 @@ class SavedModule(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Targeting and refusals: what a layer is, decided once from its weight and forward, and one table of refusals
+# Targeting and refusals: what a layer is, decided once from its weight and forward, and what cannot be adapted
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -921,12 +899,9 @@ def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Te
 def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
     """How ``parent`` uses its child ``attr``'s ``.weight``: ``"computes"`` with it (MHA's out_proj, the fast path of
     nn.TransformerEncoderLayer), ``"inspects"`` it (T5 reads ``wo.weight.dtype``), or None."""
-    if (
-        isinstance(parent, nn.MultiheadAttention)
-        and attr == "out_proj"
-        or isinstance(parent, nn.TransformerEncoderLayer)
-        and attr in ("linear1", "linear2")
-    ):
+    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+        return "computes"
+    if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
         return "computes"
     return "inspects" if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo" else None
 
@@ -950,55 +925,45 @@ def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
     return f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it" if _weight_reader(parent, attr) == "computes" else ""
 
 
-def _facts(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig, inside: tuple, stored: bool) -> dict:
-    """What the refusal table reads about target ``name`` (``inside``: name prefixes of RandLoRA wrappers)."""
-    (parent_name, _, attr), mha = name.rpartition("."), isinstance(module, nn.MultiheadAttention)
-    parent, shapes, w = model.get_submodule(parent_name) if name else None, _target_shapes(module), getattr(module, "weight", None)
-    small = [(name + s, i, o) for s, i, o in shapes or () if config.rank > min(i, o) and not stored]
-    plists = getattr(module, "parametrizations", {}).values() if mha else ()
-    adapted = (
-        isinstance(module, (RandLoraAdapter, SavedModule))
-        or name.startswith(inside)
-        or any(isinstance(f, RandLoraWeight) for fs in plists for f in fs)
-    )
-    plain = not mha or (_classify(module.out_proj)[0] == "linear" and not isinstance(module.out_proj, RandLoraAdapter) and all(
-        not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module)))  # fmt: skip
-    return dict(name=_short(name), kind=type(module).__name__, parent=type(parent).__name__, attr=attr, root=name == "",
-                adapted=adapted or (mha and isinstance(module.out_proj, RandLoraAdapter)), shapes=shapes, plain=plain,
-                small=_RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]) if small else "",
-                hooked=not mha and _plain_weight(w) and (parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)),
-                no_dropout=_no_dropout(parent, attr, module) if config.dropout > 0 else "", reader=_weight_reader(parent, attr),
-                shows=None if mha or shapes is None else _classify(module)[1])  # fmt: skip
-
-
-# (exception, predicate over the facts, why): the first row that holds refuses the target, naming it.
-_REFUSALS: list[tuple[type, Callable[[dict], bool], str]] = [
-    (ValueError, lambda f: f["root"], "it is the model itself (the root module, a {kind}): inject replaces submodules in "
-        "place; wrap a bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)"),
-    (ValueError, lambda f: f["adapted"], "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) "
-        "first to re-adapt it"),
-    (TypeError, lambda f: f["shapes"] is None, "it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with "
-        "in_features, out_features and forward) nor an nn.MultiheadAttention"),
-    (ValueError, lambda f: f["small"], "{small}"),
-    (ValueError, lambda f: f["hooked"], "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): "
-        "merge could not write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
-        "torch.nn.utils.remove_weight_norm)"),
-    (ValueError, lambda f: f["no_dropout"], "{no_dropout}: adapter dropout cannot apply; adapt it with dropout=0 (an inject "
-        "call of its own) or leave it out of the targets"),
-    (ValueError, lambda f: not f["plain"], "its input projection or out_proj is parametrized or not a plain floating weight"),
-    (ValueError, lambda f: (f["reader"] == "computes" and f["shows"] != "adapted") or (f["reader"] == "inspects" and f["shows"] is None),
-        "its parent {parent} reads {attr}.weight instead of calling it, and a {kind} has no plain weight to add the update to"),
-]  # fmt: skip
+def _check_target(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig, inside: tuple, stored: bool) -> None:
+    """Refuse target ``name`` where it cannot compute exactly base + s ΔW with ``config`` (``inside``: RandLoRA wrappers' prefixes)."""
+    (parent_name, _, attr), mha, kind = name.rpartition("."), isinstance(module, nn.MultiheadAttention), type(module).__name__
+    parent, shapes, refuse = model.get_submodule(parent_name) if name else None, _target_shapes(module), f"cannot adapt {_short(name)}: "
+    if name == "":
+        raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules in place; wrap a "
+                         "bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)")  # fmt: skip
+    adapted = isinstance(module, (RandLoraAdapter, SavedModule)) or name.startswith(inside)
+    if adapted or (mha and any(isinstance(m, RandLoraAdapter) for m in module.modules())):  # an MHA's projections or out_proj
+        raise ValueError(refuse + "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) first to re-adapt it")
+    if shapes is None:
+        raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with in_features, out_features "
+                        "and forward) nor an nn.MultiheadAttention")  # fmt: skip
+    small = [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]
+    if small:
+        raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]))
+    if not mha and _plain_weight(getattr(module, "weight", None)) and (parametrize.is_parametrized(module) or module._forward_pre_hooks):
+        raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could "
+                         "not write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+                         "torch.nn.utils.remove_weight_norm)")  # fmt: skip
+    why = _no_dropout(parent, attr, module) if config.dropout > 0 else ""
+    if why:
+        raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an "
+                         "inject call of its own) or leave it out of the targets")  # fmt: skip
+    if mha:
+        inputs_plain = all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
+        if not (inputs_plain and _classify(module.out_proj)[0] == "linear"):
+            raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
+    reader, shows = _weight_reader(parent, attr), None if mha else _classify(module)[1]
+    if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
+        raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} has no "
+                         "plain weight to add the update to")  # fmt: skip
 
 
 def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
     """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
     for name, module in found:
-        facts = _facts(model, name, module, configs[name], inside, stored)
-        for exc, refused, why in _REFUSALS:
-            if refused(facts):
-                raise exc(f"cannot adapt {facts['name']}: {why.format(**facts)}")
+        _check_target(model, name, module, configs[name], inside, stored)
     _check_nesting(found, "target", "target")
 
 
@@ -1041,8 +1006,8 @@ def _name_matches(name: str, entry: str) -> bool:
 
 def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` selected by ``targets`` (see :func:`inject`) in model order, each module once, under its first name."""
-    ok = isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))
-    if not ok and not (isinstance(targets, (list, tuple, set, frozenset)) and targets and all(isinstance(e, str) for e in targets)):
+    is_list = isinstance(targets, (list, tuple, set, frozenset)) and targets and all(isinstance(e, str) for e in targets)
+    if not (is_list or isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))):
         raise TypeError(f"{what} must be a non-empty list of module names, a regex str, {ALL_LINEAR!r} or a callable "
                         f"(name, module) -> bool; got {type(targets).__name__} {_short(targets)}")  # fmt: skip
     modules = list(model.named_modules(remove_duplicate=False))  # a module under two names matches under either
@@ -1067,9 +1032,8 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequ
         hit = (lambda n, m: bool(targets(n, m))) if callable(targets) else (lambda n, m: any(_name_matches(n, e) for e in targets))
         for entry in targets if not callable(targets) else ():
             if not any(_name_matches(n, entry) for n, _ in modules):
-                raise ValueError(
-                    f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its linear layers are: {_linear_names(model)}"
-                )
+                raise ValueError(f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its linear layers are: "
+                                 f"{_linear_names(model)}")  # fmt: skip
     hits = {id(m) for n, m in modules if hit(n, m)}
     return [(n, m) for n, m in model.named_modules() if id(m) in hits]
 
@@ -1091,14 +1055,13 @@ def _replace(slots: dict, old: nn.Module, new: nn.Module) -> None:
 
 
 def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> None:
-    """Put an adapter on the checked target ``name``. An nn.MultiheadAttention reads its projections' weights: it gets
-    RandLoraWeight parametrizations on its input projection and a RandLoraLinear out_proj, and stays one."""
+    """Put an adapter on the checked target ``name``; an nn.MultiheadAttention stays one, its projections adapted inside."""
     if not isinstance(module, nn.MultiheadAttention):
         return _replace(slots, module, RandLoraLinear(module, config, name, bases=bases))
+    order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
     for param in _mha_weights(module):
         a = RandLoraWeight(getattr(module, param), config, f"{name}.parametrizations.{param}.0", bases=bases, training=module.training)
-        earlier = [f for fs in getattr(module, "parametrizations", {}).values() for f in fs if isinstance(f, RandLoraWeight)]
-        a._param_order = earlier[0]._param_order if earlier else list(module._parameters)
+        a._param_order = order
         parametrize.register_parametrization(module, param, a, unsafe=True)  # unsafe: shape and dtype are kept
         a._slot = (module, param)
         module.parametrizations.train(module.training)
@@ -1124,21 +1087,19 @@ def inject(
     bases: str = ..., strategy: str = ..., modules_to_save: Targets | None = None, config: RandLoraConfig | None = None,
     **removed,
 ) -> nn.Module:  # fmt: skip
-    """Wrap the targeted layers of ``model`` in RandLoRA adapters, in place, and freeze everything else; a refused call
-    leaves ``model`` as it was. ``targets``: a list of names (equal to a qualified name or its ``"." + suffix``), a regex
-    ``str`` (full match), ``"all-linear"`` (every nn.Linear and Conv1D but the output heads, as PEFT) or ``(name,
-    module) -> bool``. The settings: :class:`RandLoraConfig`'s fields, or ``config=`` (a keyword beside it must agree).
-    ``modules_to_save``: modules trained in full (task heads), selected like targets. Returns ``model``."""
+    """Wrap the layers ``targets`` selects in RandLoRA adapters, in place, and freeze everything else; returns ``model``.
+    ``targets`` (and ``modules_to_save``): names, a regex, ``"all-linear"`` or a callable (README: Choosing targets). The
+    settings: :class:`RandLoraConfig`'s fields, or ``config=``. A refused call leaves ``model`` as it was."""
     if removed:
         hint = " (path= was renamed strategy= in 0.2 and removed in 0.3)" if "path" in removed else ""
         raise TypeError(f"inject() got unexpected keyword(s) {_short_list(sorted(removed))}{hint}")
     given = {k: v for k, v in dict(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases, strategy=strategy).items() if v is not ...}
     if config is not None and not isinstance(config, RandLoraConfig) or config is None and "rank" not in given:
         raise TypeError(f"inject() needs rank=... or config=RandLoraConfig(...), got config={_short(config)}")
-    for field, value in given.items() if config is not None else ():
+    config = config or RandLoraConfig(**given)
+    for field, value in given.items():  # a keyword beside config= must agree with it
         if getattr(dataclasses.replace(config, **{field: value}), field) != getattr(config, field):
             raise ValueError(f"inject got {field}={_short(value)} and config.{field}={_short(getattr(config, field))}; pass one of them")
-    config = config or RandLoraConfig(**given)
     none = modules_to_save is None or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save)
     saved = [] if none else _match(model, modules_to_save, "modules_to_save")
     found = _match(model, targets, "targets", skip=[m for _, m in saved])
@@ -1183,8 +1144,7 @@ def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str)
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent; inference at base speed; training refused
-    until :func:`unmerge`). Refused, model unchanged, for weights that are not plain tensors or are shared (tied)."""
+    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it cannot."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
     for m in layers:
@@ -1206,8 +1166,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def eject(model: nn.Module) -> nn.Module:
-    """Merge, then put back the plain layers and each saved module's trained copy; refused where :func:`merge` refuses
-    and inside :func:`disable`, the model unchanged."""
+    """Merge, then put back the plain layers and each saved module's trained copy; refused inside :func:`disable`."""
     layers, saved = [m for _, m in named_adapters(model)], list(_saved_modules(model).values())
     if any(m.disabled for m in layers + saved):
         raise RuntimeError("cannot eject inside randlora.disable(model): the model must compute as the base there")
@@ -1224,18 +1183,17 @@ def eject(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside, ``model`` computes exactly as the base model (a DPO reference); contexts nest."""
-    layers, saved = [m for _, m in named_adapters(model)], list(_saved_modules(model).values())
-    state = [m.disabled for m in layers + saved]
-    for m in layers:
-        if not m.disabled:
-            m._remerge = m.merged
+    modules = [m for _, m in named_adapters(model)] + list(_saved_modules(model).values())
+    state = [m.disabled for m in modules]
+    for m in modules:
+        if not m.disabled and isinstance(m, RandLoraAdapter):
+            m._remerge = m.merged  # merged again when the outermost context ends
             m.unmerge()
-    for m in layers + saved:
         m.disabled = True
     try:
         yield model
     finally:
-        for m, was in zip(layers + saved, state):
+        for m, was in zip(modules, state):
             m.disabled = was
             if not was and m.__dict__.pop("_remerge", False):
                 m.merge()
@@ -1254,10 +1212,8 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
-    """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it in every forward, recompute
-    and backward (layers held in model order while their bf16 size fits ``budget_bytes``). A held ``W'`` is dropped at
-    any torch.optim optimizer's step, at in-place writes to lam, gam or W (``copy_``, loads), merge, unmerge and
-    ``.to()``; writes that bypass them (``lam.data.mul_(2)`` outside an optimizer step) are not seen: make them outside."""
+    """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
+    (layers in model order while their bf16 size fits ``budget_bytes``; docs/MATH.md#cost-model says what is seen)."""
     layers, used = [m for _, m in named_adapters(model)], 0
     for m in layers:
         if budget_bytes is None or used + 2 * m.out_features * m.in_features <= budget_bytes:
@@ -1304,8 +1260,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place: exact keys and shapes,
-    dense finite floats, or ``TypeError``/``ValueError`` and the model unchanged (``RuntimeError`` while merged)."""
+    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place, all checked first."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = {n: (m.out_features, m.in_features, m.config) for n, m in named_adapters(model)}
     if not layers:
@@ -1314,8 +1269,7 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor])
 
 
 def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], state: object, source: str) -> None:
-    """``state`` must hold exactly the lam/gam of ``layers`` (``{name: (out, in, config)}``) and each module to save's state:
-    dense tensors with values, of their shapes, floating where expected, finite (lam/gam in float32 too)."""
+    """Refuse a ``state`` that lacks or adds keys, or whose tensors are not dense, of their shape and kind, finite."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{source} must be a mapping (a dict of name -> tensor), got {type(state).__name__}")
     expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point()) for n, m in saved.items() for k, v in m.state_dict().items()}
@@ -1338,8 +1292,7 @@ def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], st
 
 def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping[str, tuple], saved_names: list[str],
           tensors: Mapping, bases: _Bases | None = None) -> nn.Module:  # fmt: skip
-    """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``; a plain model gets
-    exactly the recorded ``layers`` (``{name: (out, in, config)}``), an adapted one must have them already."""
+    """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
@@ -1377,17 +1330,14 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
 
 
 def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple], source: str) -> list[tuple[str, nn.Module, RandLoraConfig]]:
-    """The targets (with configs) whose adaptation re-creates exactly the adapters ``layers`` names (a whole MHA for its
-    in-projection adapters); a name, shape or MHA part that does not fit is refused."""
+    """The ``(name, module, config)`` targets whose adaptation re-creates exactly the adapters ``layers`` names."""
     modules, targets = dict(model.named_modules()), {}
     for name, (_, _, config) in layers.items():
         hit = re.fullmatch(r"(.+)\.parametrizations\.(\w+)\.0", name)  # how named_adapters names a RandLoraWeight
         target = hit[1] if hit else name
         m = modules.get(target)
         if m is None or (hit is not None and not (isinstance(m, nn.MultiheadAttention) and hit[2] in _mha_weights(m))):
-            raise ValueError(
-                f"{source}: adapter layer {_short(name)} is not in the model; its linear layers: {_short_list(_linear_names(model), 30)}"
-            )
+            raise ValueError(f"{source}: adapter layer {_short(name)} is not in the model; its linear layers: {_linear_names(model)}")
         if config.dropout > 0 or target not in targets:  # an MHA part with dropout gives the MHA its config: refused
             targets[target] = (m, config)
     for target, (m, _) in list(targets.items()):
@@ -1431,9 +1381,8 @@ def _file_config(layers: Mapping[str, RandLoraAdapter]) -> RandLoraConfig:
     first = next(iter(layers.values())).config
     for name, m in layers.items():
         if m.config.shared != first.shared:
-            raise ValueError(
-                f"layer {_short(name)} has (rank, alpha, seed, bases) {m.config.shared} unlike the others {first.shared}; one adapter per file"
-            )
+            raise ValueError(f"layer {_short(name)} has (rank, alpha, seed, bases) {m.config.shared} unlike the others "
+                             f"{first.shared}; one adapter per file")  # fmt: skip
         if m._bases.stored is not None:
             raise ValueError(f"layer {_short(name)} uses bases loaded from a PEFT file (not seeded); save it with to_peft() instead")
     return first
@@ -1448,8 +1397,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytearray:
 
 
 def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tensor]]) -> str:
-    """``"sha256:<hex>"`` over every metadata entry but ``checksum`` and every tensor's name, dtype, shape and bytes (sorted,
-    length-prefixed): all a load depends on, independent of the file's layout."""
+    """``"sha256:<hex>"`` over the metadata (but ``checksum``) and every tensor's name, dtype, shape and bytes, sorted."""
     h, enc = hashlib.sha256(b"randlora-checksum-1\0"), lambda s: s.encode("utf-8", "surrogatepass")
     fields = [(enc(k), enc(v)) for k, v in sorted(metadata.items()) if k != "checksum"]
     fields += [(enc(n), f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode(), _tensor_bytes(t.cpu())) for n, t in sorted(items, key=lambda i: i[0])]
@@ -1521,22 +1469,23 @@ def _fsync(path: str) -> None:
 
 
 def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
-    """Write ``path`` (a file, or a folder of files) by ``write(tmp)`` beside it, fsync, rename into place, old mode kept: a
-    reader sees the old content or all the new one. The next save of a target removes its killed saves' temporaries (by
-    name alone). A folder replaces an old one by two renames; a crash between them (the one window) leaves the old
-    folder at :func:`_backup_path`, which the next folder save puts back first (:func:`_peft_write`)."""
+    """Write ``path`` (a file or a folder) by ``write(new)`` inside a temporary folder beside it, fsync, rename into place
+    (README: What a saved adapter guarantees). A killed save leaves only its ``.<name>.randlora-*.tmp`` folder, safetensors'
+    own temporary file included, which the next save removes; a crash between a folder's two renames leaves the old
+    folder at :func:`_backup_path`."""
     parent, name = os.path.split(path)
     for e in os.scandir(parent or "."):
         if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
-    tmp = os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp")
+    os.mkdir(tmp := os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp"))
+    new = tmp if folder else os.path.join(tmp, name)
     try:
-        write(tmp)
-        for f in [*(os.path.join(tmp, n) for n in (os.listdir(tmp) if folder else ())), tmp]:
+        write(new)
+        for f in [*(os.path.join(tmp, n) for n in os.listdir(tmp)), tmp]:
             _fsync(f)
         if os.path.exists(path):
-            shutil.copymode(path, tmp)
+            shutil.copymode(path, new)
         if folder and os.path.lexists(path):
             os.rename(path, _backup_path(path))
             try:
@@ -1546,11 +1495,9 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
                 raise
             shutil.rmtree(_backup_path(path))
         else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.unlink(tmp)
-        raise
+            os.replace(new, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a file's now empty temporary folder, or what a failed save left
     with contextlib.suppress(OSError):
         _fsync(parent or ".")
 
@@ -1579,9 +1526,8 @@ def _file_tensors(layers: Mapping[str, RandLoraAdapter], saved: Mapping[str, Sav
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter to one safetensors file: lam/gam, the modules to save, the settings (the bases come from the seed)
-    and a SHA-256 checksum; atomically (the old file or the new, never a part; NaN/Inf refused first). Under
-    torch.distributed every rank calls it (FSDP2 shards are gathered) and rank 0 writes."""
+    """Write the adapter to one small safetensors file, atomically, with a checksum (README: What a saved adapter
+    guarantees). Under torch.distributed every rank calls it (FSDP2 shards are gathered) and rank 0 writes."""
     _save_adapter(model, os.fspath(path), _is_writer())
 
 
@@ -1602,9 +1548,8 @@ def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a :func:`save_adapter` file (any format) into ``model``: a plain model gets the recorded layers; an adapted one
-    (compiled or not) gets the values copied into its parameters (hot swap: no recompilation). Anything that does not fit
-    or was changed is refused (``ValueError``), the model unchanged."""
+    """Load a :func:`save_adapter` file into ``model``: a plain model gets the recorded layers, an adapted one the values
+    (hot swap). Anything that does not fit or was changed is refused (``ValueError``), the model unchanged."""
     path = os.fspath(path)
     with _open_safetensors(path) as f:
         meta, version = f.metadata() or {}, (f.metadata() or {}).get("format_version")
@@ -1621,24 +1566,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[RandLoraConfig, dict, list[str]]:
-    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field checked and
-    named (format 1: one file-wide dropout; later formats: per layer ``[out, in, dropout, strategy]``)."""
-    values, json_fields = {}, {}
-    for field, kind in {"rank": int, "alpha": float, "seed": int, "bases": str, **({"dropout": float} if version == "1" else {})}.items():
+    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field checked."""
+    values, version_1 = {}, {"dropout": float} if version == "1" else {}  # format 1: one file-wide dropout
+    for field, parse in dict(rank=int, alpha=float, seed=int, bases=str, **version_1, layers=json.loads, modules_to_save=json.loads).items():
         try:
-            values[field] = kind(meta[field])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, not a valid {kind.__name__}") from None
-    for field, default in (("layers", None), ("modules_to_save", "[]")):
-        try:
-            json_fields[field] = json.loads(meta[field] if default is None else meta.get(field, default))
-        except (KeyError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
-            raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON ({type(e).__name__})") from None
+            values[field] = parse(meta.get(field, "[]") if field == "modules_to_save" else meta[field])
+        except (KeyError, TypeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
+            if parse is json.loads:
+                raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON ({type(e).__name__})") from None
+            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, not a valid {parse.__name__}") from None
+    raw, names, layers, size = values.pop("layers"), values.pop("modules_to_save"), {}, 2 if version == "1" else 4
     try:
         shared = RandLoraConfig(**values)
     except ValueError as e:
         raise ValueError(f"{path}: metadata: {e}") from None
-    raw, names, layers, size = json_fields["layers"], json_fields["modules_to_save"], {}, 2 if version == "1" else 4
     if not isinstance(raw, dict) or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise ValueError(f"{path}: metadata 'layers' must be a JSON object and 'modules_to_save' a list of distinct names")
     for name, e in raw.items():
@@ -1660,8 +1601,7 @@ _TRAINER_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safete
 
 
 def trainer_class(base: type | None = None) -> type:
-    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only from the start: ``adapter.safetensors``
-    and a ``model.safetensors`` of the trainable tensors, to resume from; written where ``args.should_save`` says."""
+    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only (README: Training with the Trainer)."""
     import transformers
 
     class RandLoraTrainer(base or transformers.Trainer):
@@ -1677,8 +1617,7 @@ def trainer_class(base: type | None = None) -> type:
 
 
 def trainer_callback():
-    """A ``TrainerCallback`` for a Trainer you cannot subclass: it replaces each checkpoint's whole model by
-    :func:`trainer_class`'s adapter-only files (after the Trainer wrote it: prefer :func:`trainer_class`)."""
+    """A ``TrainerCallback`` that replaces each checkpoint's whole model by :func:`trainer_class`'s adapter-only files."""
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
@@ -1720,8 +1659,7 @@ _PEFT_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "rank_pattern", "a
 
 
 def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT 0.21's bases without ``save_projection``: its draws, in its order and dtype, from a CPU generator seeded with
-    ``projection_prng_key``; ``A`` ``(r, d)``, ``B`` ``(D, n, r)`` float32."""
+    """PEFT 0.21's bases without ``save_projection`` (docs/MATH.md#peft-draws): ``A`` ``(r, d)``, ``B`` ``(D, n, r)`` float32."""
     g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
     with torch.no_grad():
         if kind == "dense":
@@ -1784,13 +1722,8 @@ def _peft_folder(path: str | os.PathLike) -> str:
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a Hugging Face PEFT RandLoRA folder (``save_pretrained``'s) into the plain ``model``, in place: targets found
-    with PEFT's ``target_modules`` rules, everything checked as :func:`load_adapter` checks it, outputs equal to
-    ``PeftModel.from_pretrained(model, path)``'s. Stored bases are used; without ``save_projection`` they are drawn again
-    from ``projection_prng_key`` as PEFT 0.21 draws them, dense ones in bfloat16 where ``accelerate.is_bf16_available()``
-    (every CPU, most GPUs), else float16; the file does not record which: ``draw_dtype`` chooses. Refused, model
-    unchanged: fields this does not implement (``layers_to_transform``, ``rank_pattern``, bias, ...), a model with
-    RandLoRA layers, targets or keys that do not fit, bad values, stored bases that disagree."""
+    """Load a Hugging Face PEFT RandLoRA folder into the plain ``model``, in place, checked as :func:`load_adapter` checks;
+    outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     folder = _peft_folder(path)
     cfg, weights = _peft_config(folder), os.path.join(folder, PEFT_WEIGHTS_NAME)
@@ -1798,13 +1731,12 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {draw_dtype!r}")
     if any(True for _ in named_adapters(model)):
         raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
-    t = cfg["target_modules"]
-    found = {
-        n: _features(m) for n, m in model.named_modules() if n and (re.fullmatch(t, n) if isinstance(t, str) else any(_name_matches(n, e) for e in t))
-    }
+    t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
+    selects = (lambda n: re.fullmatch(t, n)) if isinstance(t, str) else (lambda n: any(_name_matches(n, e) for e in t))
+    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n)}
     if not found or None in found.values():
         what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
-        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_short_list(_linear_names(model), 30)}")
+        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
     saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
     if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
         raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module of {type(model).__name__}")
@@ -1818,27 +1750,22 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
             raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate (NaN/Inf) for r={cfg['r']}")
     flags = {"sparse": cfg["sparse"], "very_sparse": cfg["very_sparse"], "projection_prng_key": cfg["projection_prng_key"]}
     shared = RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
-    return _load(
-        model, folder, shared, {n: (o, i, shared) for n, (i, o) in found.items()}, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags)
-    )
+    layers = {n: (o, i, shared) for n, (i, o) in found.items()}
+    return _load(model, folder, shared, layers, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags))
 
 
 def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[str], cfg: dict, D: int, d: int):
-    """The file's tensors under our names (lam/gam, module states) and the stored bases ``(A (r, d), B (D, n, r))`` (empty
-    without ``save_projection``). Missing or unexpected keys, bad bases and stored copies that disagree are refused."""
+    """The file's tensors under our names and its stored bases ``(A (r, d), B (D, n, r))``, or ``()``; all checked."""
     tensors, bases, unexpected = {}, {}, []
     for k in f.keys():
         stem, _, suffix = k.rpartition(".")
         layer, owner = stem.removeprefix(_PEFT), next((n for n in saved if k.startswith(f"{_PEFT}{n}.")), None)
+        ours = stem.startswith(_PEFT) and layer in found  # a key of a target layer
         if owner is not None:
             tensors[k.removeprefix(_PEFT)] = f.get_tensor(k)
-        elif stem.startswith(_PEFT) and layer in found and suffix in ("randlora_lambda", "randlora_gamma"):
+        elif ours and suffix in ("randlora_lambda", "randlora_gamma"):
             tensors[f"{layer}.{suffix[9:12]}"] = f.get_tensor(k)  # randlora_lambda -> lam, randlora_gamma -> gam
-        elif (
-            suffix in ("randlora_A", "randlora_B")
-            and (stem == "base_model" or (stem.startswith(_PEFT) and layer in found))
-            and cfg["save_projection"]
-        ):
+        elif suffix in ("randlora_A", "randlora_B") and cfg["save_projection"] and (ours or stem == "base_model"):
             bases.setdefault(stem, {})[suffix] = k
         else:
             unexpected.append(k)
@@ -1850,9 +1777,8 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
     if missing or unexpected:
         hint = " (the file adapts layers target_modules does not select here: wrong model?)" if any("randlora_" in k for k in unexpected) else ""
         hint += " (save_projection=true: the bases belong at base_model. or to every layer)" if "randlora_A/randlora_B" in missing else ""
-        raise ValueError(
-            f"{weights} does not fit the model: missing keys {_short_list(sorted(missing))}; unexpected keys {_short_list(sorted(unexpected))}{hint}"
-        )
+        raise ValueError(f"{weights} does not fit the model: missing keys {_short_list(sorted(missing))}; unexpected keys "
+                         f"{_short_list(sorted(unexpected))}{hint}")  # fmt: skip
     shapes, first = {"randlora_A": (cfg["r"], 1, d), "randlora_B": (D, _num_bases(d, cfg["r"]), cfg["r"])}, {}
     for x, k in sorted((x, k) for got in bases.values() for x, k in got.items()):
         t = f.get_tensor(k)
@@ -1871,11 +1797,9 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
     for name, m in layers.items():
         parent, _, attr = name.rpartition(".")
-        bnb = any(
-            c.__module__.startswith("bitsandbytes") and c.__name__ in ("Linear8bitLt", "Linear4bit") for c in type(getattr(m, "base", m)).__mro__
-        )
         if isinstance(m, RandLoraWeight) or _weight_reader(model.get_submodule(parent), attr) == "computes":
             raise ValueError(f"layer {_short(name)} adapts a weight an nn.MultiheadAttention reads directly: PEFT {what} would skip it")
+        bnb = any(c.__module__.startswith("bitsandbytes") and c.__name__ in ("Linear8bitLt", "Linear4bit") for c in type(m.base).__mro__)
         if not (m.mergeable or bnb):
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
                              "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip
@@ -1888,8 +1812,7 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
 
 
 def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], peft_type: str, layers: Mapping, saved: Mapping, **config) -> None:
-    """Replace the folder ``path`` as a whole (:func:`_atomic_write`): weights, config, the old folder's other files
-    copied along (modes kept); refused for a folder with subfolders. Under torch.distributed rank 0 writes."""
+    """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
     target = os.path.realpath(path := os.fspath(path))
     if os.path.isdir(_backup_path(target)) and _is_writer():  # a crash in an earlier save's window, or while it removed it
         shutil.rmtree(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
@@ -1902,7 +1825,6 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
                "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")"}  # fmt: skip
 
     def write(tmp: str) -> None:
-        os.mkdir(tmp)
         _serialize(items, {"format": "pt"}, os.path.join(tmp, PEFT_WEIGHTS_NAME))
         with open(os.path.join(tmp, PEFT_CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -1918,10 +1840,8 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
 
 
 def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter as a Hugging Face PEFT RandLoRA folder that ``PeftModel.from_pretrained(base, path)`` loads to
-    compute what ``model`` computes, on any machine: the bases are stored (``save_projection=True``), per layer and
-    shared, as PEFT does (hundreds of times :func:`save_adapter`'s file). Refused, files untouched: several ranks,
-    alphas, dropouts or bases; MHA adapters; bases PEFT does not wrap; sparse bases PEFT's one ``A`` cannot express."""
+    """Write the adapter as a PEFT RandLoRA folder, bases stored, that ``PeftModel.from_pretrained(base, path)`` loads to
+    compute what ``model`` computes. Refused, files untouched, for what PEFT would compute differently."""
     layers, saved = _peft_layers(model, "RandLoRA")
     first = next(iter(layers.values()))
     for name, m in layers.items():
@@ -1940,9 +1860,8 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
                              f"all PEFT can express: save with save_adapter(), or use widths that are multiples of rank {rank}")  # fmt: skip
     A, B = A.reshape(rank, 1, d).contiguous(), Bf.reshape(D, -1, rank).contiguous()
     items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t) for k, t in _file_tensors(layers, {})]
-    items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)] + [
-        (f"{_PEFT}{n}.randlora_{x}", t) for n in layers for x, t in (("A", A), ("B", B))
-    ]
+    items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)]
+    items += [(f"{_PEFT}{n}.randlora_{x}", t) for n in layers for x, t in (("A", A), ("B", B))]
     flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
     _peft_write(path, items + [("base_model.randlora_A", A), ("base_model.randlora_B", B)], "RANDLORA", layers, saved, r=rank,
                 randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
@@ -1950,12 +1869,8 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bool = False) -> dict[str, float]:
-    """Export the adapter as a Hugging Face PEFT **LoRA** folder, for LoRA runtimes (vLLM, PEFT, llama.cpp's converter):
-    per layer the best rank-``rank`` approximation of ``scaling * ΔW`` (a truncated SVD in float64 on the layer's
-    device), ``lora_B = U_k sqrt(S_k)``, ``lora_A = sqrt(S_k) V_k^T``, ``lora_alpha = rank``. At ``rank >= min(in, out)``
-    it is exact to float32 rounding (zero-padded to ``rank``). Returns each layer's relative Frobenius error
-    ``||ΔW - ΔW_k|| / ||ΔW||`` (printed with ``verbose``). Modules to save go along; what PEFT LoRA would compute
-    differently (MHA adapters, bases it does not wrap) is refused, naming the layer."""
+    """Export as a PEFT **LoRA** folder: per layer the best rank-``rank`` approximation of ``scaling * ΔW`` (docs/MATH.md#export-to-lora).
+    Returns each layer's relative Frobenius error ``||ΔW - ΔW_k|| / ||ΔW||`` (printed with ``verbose``)."""
     if not (type(rank) is int and rank > 0):
         raise ValueError(f"rank must be a positive int, got {_short(rank)}")
     layers, saved = _peft_layers(model, "LoRA")

@@ -1227,17 +1227,18 @@ def _faulty(n: int, counter: list):
 
 @pytest.mark.parametrize("exc", [OSError(28, "disk full"), KeyboardInterrupt()])
 def test_save_is_atomic_when_the_writer_fails(tmp_path, monkeypatch, exc):
-    """The writer fails (disk full, Ctrl-C) half way through: it wrote into a temp file beside the target, which is
-    gone; the target holds the old bytes and loads."""
+    """The writer fails (disk full, Ctrl-C) half way through: it wrote into a temporary folder beside the target (where
+    safetensors' own temporary file also goes), which is gone; the target holds the old bytes and loads."""
     path = tmp_path / "adapter.safetensors"
     randlora.save_adapter(_marked(1), path)
     good = path.read_bytes()
     calls = []
 
     def broken(items, metadata, filename):
-        calls.append(sorted(os.listdir(tmp_path)))  # the temporary file is beside the target
-        assert os.path.dirname(filename) == str(tmp_path)
-        assert re.fullmatch(r"\.adapter\.safetensors\.randlora-[0-9a-f]+\.tmp", os.path.basename(filename)), filename
+        calls.append(sorted(os.listdir(tmp_path)))  # the temporary folder is beside the target
+        folder = os.path.dirname(filename)
+        assert os.path.dirname(folder) == str(tmp_path) and os.path.basename(filename) == "adapter.safetensors"
+        assert re.fullmatch(r"\.adapter\.safetensors\.randlora-[0-9a-f]+\.tmp", os.path.basename(folder)), filename
         with open(filename, "wb") as f:
             f.write(good[: len(good) // 2])
         raise exc
@@ -1246,7 +1247,7 @@ def test_save_is_atomic_when_the_writer_fails(tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         randlora.save_adapter(_marked(2), path)
     monkeypatch.undo()
-    assert len(calls) == 1 and calls[0] == ["adapter.safetensors"]  # the temp file is created by the writer
+    assert len(calls) == 1 and calls[0][1:] == ["adapter.safetensors"]  # the target and the (empty) temporary folder
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["adapter.safetensors"]
     assert _version_in(path) == 1
