@@ -570,7 +570,7 @@ class RandLoraAdapter(nn.Module):
         # .half() / .to(dtype) cast the base, but lam/gam and their grads stay float32 with the values from before
         before = [(p.data, None if p.grad is None else p.grad.data) for p in (self.lam, self.gam)]
         super()._apply(fn, recurse)
-        keep = lambda old, new: old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta else new.float()  # noqa: E731
+        keep = lambda old, new: old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta else new.float()
         for p, (old, old_grad) in zip((self.lam, self.gam), before):
             if p.is_floating_point() and p.dtype != torch.float32:
                 p.data = keep(old, p.data)
@@ -869,6 +869,11 @@ def _plain_weight(w: object) -> bool:
     return (type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor") and w.is_floating_point() and w.dim() == 2
 
 
+def _bnb_class(module: nn.Module, *names: str) -> type | None:
+    """The bitsandbytes class among ``names`` that ``module`` is an instance of (by name: bitsandbytes is never imported)."""
+    return next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes") and c.__name__ in names), None)
+
+
 def _classify(module: nn.Module) -> tuple[str, str | None]:
     """``(layout, shows)`` of a base layer, by its weight and forward (bitsandbytes' layers subclass nn.Linear). Layout:
     ``"linear"``/``"conv1d"`` (a plain weight: the base matmul runs in the function), ``"4bit"`` (bitsandbytes'
@@ -878,8 +883,8 @@ def _classify(module: nn.Module) -> tuple[str, str | None]:
     hooked = parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)  # they may compute the weight
     if not hooked and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    bnb4 = "forward" not in vars(module) and type(w).__name__ == "Params4bit" and any(  # accelerate's hooks set a forward
-        c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") and type(module).forward is c.forward for c in type(module).__mro__)  # fmt: skip
+    c4 = _bnb_class(module, "Linear4bit")  # with its own forward: accelerate's hooks set one on the instance
+    bnb4 = c4 is not None and type(w).__name__ == "Params4bit" and "forward" not in vars(module) and type(module).forward is c4.forward
     layout = "4bit" if bnb4 and not hooked else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
@@ -1016,13 +1021,13 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequ
             skip = [*skip, model.get_output_embeddings()]
         skip = [*skip, *(getattr(model, h, None) for h in _HEADS), *(m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule)))]
         out = {id(s) for m in skip if isinstance(m, nn.Module) for s in m.modules()}
-        hit = lambda n, m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out  # noqa: E731
+        hit = lambda n, m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out
     elif isinstance(targets, str):
         try:
             regex = re.compile(targets)
         except re.error as e:
             raise ValueError(f"{what} {_short(targets)} is not a valid regular expression: {e}") from None
-        hit = lambda n, m: regex.fullmatch(n) is not None  # noqa: E731
+        hit = lambda n, m: regex.fullmatch(n) is not None
         if not any(hit(n, m) for n, m in modules):
             names = sorted({n for n, _ in modules if _name_matches(n, targets)})
             hint = f"; as a list, {what}=[{_short(targets)}] would select {_short_list(names, 5)}" if names else ""
@@ -1663,7 +1668,7 @@ def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int, draw_dtype:
     g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
     with torch.no_grad():
         if kind == "dense":
-            draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)  # noqa: E731
+            draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)
             A, B = draw(rank, 1, d), torch.cat([draw(D, 1, rank) for _ in range(n)], dim=1)
         else:
             p = 1 / (2 * (math.sqrt(d) if kind == "very_sparse" else 3))
@@ -1714,8 +1719,9 @@ def _peft_folder(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
     pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
-    for name, hint in ((PEFT_CONFIG_NAME, f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""),
-                       (PEFT_WEIGHTS_NAME, f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else "")):  # fmt: skip
+    several = f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""
+    pickle = f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else ""
+    for name, hint in ((PEFT_CONFIG_NAME, several), (PEFT_WEIGHTS_NAME, pickle)):
         if not os.path.lexists(os.path.join(folder, name)):
             raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
     return folder
@@ -1799,8 +1805,7 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
         parent, _, attr = name.rpartition(".")
         if isinstance(m, RandLoraWeight) or _weight_reader(model.get_submodule(parent), attr) == "computes":
             raise ValueError(f"layer {_short(name)} adapts a weight an nn.MultiheadAttention reads directly: PEFT {what} would skip it")
-        bnb = any(c.__module__.startswith("bitsandbytes") and c.__name__ in ("Linear8bitLt", "Linear4bit") for c in type(m.base).__mro__)
-        if not (m.mergeable or bnb):
+        if not (m.mergeable or _bnb_class(m.base, "Linear8bitLt", "Linear4bit")):
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
                              "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip
     for name in saved:

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -250,17 +251,13 @@ def agreement(in_f, out_f, N, cfg) -> dict:
     with torch.no_grad():
         pl.randlora_lambda["default"].normal_()
         pl.randlora_gamma["default"].normal_(0, 1 / min(in_f, out_f))
-    A = pl.randlora_A["default"].squeeze(1)
-    B = pl.randlora_B["default"]
     ours = One(nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype))
     with torch.no_grad():
         ours.lin.weight.copy_(pl.base_layer.weight)
-    randlora.inject(ours, ["lin"], rank, alpha=pl.scaling["default"] * rank)  # PEFT's alpha is 640 whatever r
+    with tempfile.TemporaryDirectory() as folder:  # PEFT's own file, read as a user reads it
+        peft_model.save_pretrained(folder)
+        randlora.from_peft(ours, folder)
     layer = ours.lin
-    layer._bases = randlora._Bases(rank, stored=(A.float().cpu(), B.float().cpu()))
-    with torch.no_grad():
-        layer.lam.copy_(pl.randlora_lambda["default"])
-        layer.gam.copy_(pl.randlora_gamma["default"])
     x = torch.randn(N, in_f, device=device, dtype=dtype)
     dy = torch.randn(N, out_f, device=device, dtype=dtype)
     out = {}

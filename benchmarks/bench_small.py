@@ -12,7 +12,7 @@ interleaved runs", eager, torch.compile (default) and torch.compile(mode="reduce
     python benchmarks/bench_small.py --report a.json b.json   # one table from the runs of several calls
 
 Other flags: --compiled-reps N (repeats for compiled modes; default --reps), --warmup / --warmup-compiled,
---threads N (torch.set_num_threads; 1 with --tiny), --device cuda|cpu.
+--threads N (torch.set_num_threads; 1 with --tiny), --device cuda|cpu, --dtype bfloat16|float32 (the weights).
 
 Shapes (random weights from transformers configs, seed 0, built directly on the device in bf16; ``NAME:BxS``
 overrides the batch, e.g. ``1b:1x2048``):
@@ -475,7 +475,7 @@ def run_one(spec: dict, info: dict, method: str, mode: str, rep: int, args, devi
         if device == "cuda":
             rec["mem_start_gb"] = torch.cuda.memory_allocated() / 1e9
         t0 = time.perf_counter()
-        model = build_base(spec, device, torch.bfloat16)
+        model = build_base(spec, device, getattr(torch, args.dtype))
         model = attach(method, model, spec, info)
         model.train()
         sync(device)
@@ -621,8 +621,8 @@ def summarize(runs: list[dict], infos: dict) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], infos: dict, device_name: str) -> None:
-    print(f"\n## bench_small: training step, {device_name}, bf16 weights, AdamW; median of runs (range)")
+def print_table(rows: list[dict], infos: dict, device_name: str, dtype: str = "bfloat16") -> None:
+    print(f"\n## bench_small: training step, {device_name}, {dtype} weights, AdamW; median of runs (range)")
     for info in infos.values():
         print(f"# {info['shape']}: {info['adapted_layers']} layers adapted ({info['per_block']} per block x "
               f"{info['blocks']}), {info['batch']}x{info['seq']} tokens; LoRA r{info['lora_rank']} trains "
@@ -661,9 +661,10 @@ def report(paths: list[str]) -> None:
         runs += data.get("runs", [])
         infos.update(data.get("shapes", {}))
         devices.add(data.get("env", {}).get("device", "?"))
+        dtype = data.get("settings", {}).get("dtype", "bfloat16")
         print(f"# {path}: {len(data.get('runs', []))} runs, {data.get('env', {}).get('device')}, {data.get('date')}, "
               f"randlora.py sha256 {data.get('env', {}).get('randlora_sha256')}, finished {data.get('finished')}")
-    print_table(summarize(runs, infos), infos, " + ".join(sorted(devices)))
+    print_table(summarize(runs, infos), infos, " + ".join(sorted(devices)), dtype)
 
 
 def environment(device: str) -> dict:
@@ -715,6 +716,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps, eager")
     ap.add_argument("--warmup-compiled", type=int, default=5, help="warm-up steps, compiled modes (>= 3 for CUDA graphs)")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available (cpu with --tiny)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the model's weights (bf16: the issue's setting)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --tiny)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip runs that would end after this many seconds")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, 2 repeats of 3 steps, 1 thread")
@@ -852,7 +854,7 @@ def main() -> None:
         payload["wall_s"] = time.perf_counter() - t_start
         payload["summary"] = rows = summarize(runs, infos)
         write_json(args.json, payload)
-        print_table(rows, infos, env["device"])
+        print_table(rows, infos, env["device"], args.dtype)
         n_bad = sum(1 for r in runs if r["status"] != "ok")
         print(f"# {len(runs)} runs ({n_bad} not ok) in {payload['wall_s']:.0f} s" + (f"; wrote {args.json}" if args.json else ""),
               flush=True)

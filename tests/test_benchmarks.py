@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end on tiny shapes and compare what they claim to compare (no timings asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *args: str, env: dict | None = None) -> None:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_bench_agreement_and_exactness_are_float32_rounding(tmp_path):
+    """bench.py's PEFT agreement (a PEFT folder read by from_peft) and float64 exactness rows are ~1e-7, every method
+    timed: a stale or mismatched set-up would show as O(1) errors."""
+    _run(tmp_path, "benchmarks/bench.py", "--preset", "tiny", env={"OUT": str(tmp_path)})
+    res = json.loads((tmp_path / "bench_tiny.json").read_text())
+    errors = [v for row in res["agreement"] + res["exactness"] for k, v in row.items() if isinstance(v, float) and k != "tokens"]
+    assert res["agreement"] and res["exactness"] and max(errors) < 1e-5
+    assert {r["method"] for r in res["model"]} == {"PEFT LoRA r", "PEFT RandLoRA", "ours", "full FT"}
+    assert all(r["ms"] > 0 for r in res["model"] + res["layers"] if "ms" in r)
+
+
+def test_bench_small_eager_runs_every_method(tmp_path):
+    """bench_small.py builds each method at equal trainable count on the listed targets and records every run as ok."""
+    out = tmp_path / "small.json"
+    _run(tmp_path, "benchmarks/bench_small.py", "--tiny", "--shapes", "tiny-llama", "--modes", "eager", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["finished"] and {r["method"] for r in res["runs"]} == {"frozen", "lora", "ours", "randlora"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in res["runs"])
