@@ -1218,11 +1218,12 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
     """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
-    (layers in model order while their bf16 size fits ``budget_bytes``; docs/MATH.md#cost-model says what is seen)."""
+    (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``; docs/MATH.md#cost-model)."""
     layers, used = [m for _, m in named_adapters(model)], 0
     for m in layers:
-        if budget_bytes is None or used + 2 * m.out_features * m.in_features <= budget_bytes:
-            m._memo.hold, used = True, used + 2 * m.out_features * m.in_features
+        size = m.out_features * m.in_features * m._compute_dtype().itemsize
+        if budget_bytes is None or used + size <= budget_bytes:
+            m._memo.hold, used = True, used + size
     hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])
     try:
         yield model
@@ -1394,7 +1395,7 @@ def _file_config(layers: Mapping[str, RandLoraAdapter]) -> RandLoraConfig:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytearray:
-    """A CPU tensor's bytes, copied through torch itself (no numpy, no ctypes)."""
+    """A CPU tensor's bytes, copied through torch itself (numpy-free)."""
     buf = bytearray(t.numel() * t.element_size())
     if buf:
         torch.frombuffer(buf, dtype=torch.uint8).copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
@@ -1590,7 +1591,7 @@ def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[R
     for name, e in raw.items():
         if not (isinstance(e, list) and len(e) == size and all(type(v) is int and v > 0 for v in e[:2])):
             raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, expected [out, in{', dropout, strategy' if size == 4 else ''}]")
-        try:  # 0.1 wrote "merged" for the build strategy
+        try:  # a strategy recorded as "merged" (build's name before 0.2) loads as build
             config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy={"merged": "build"}.get(e[3], e[3]))))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: layer {_short(name)}: {err}") from None
@@ -1606,7 +1607,7 @@ _TRAINER_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safete
 
 
 def trainer_class(base: type | None = None) -> type:
-    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only (README: Training with the Trainer)."""
+    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only (README: Training with the Hugging Face Trainer)."""
     import transformers
 
     class RandLoraTrainer(base or transformers.Trainer):
@@ -1804,7 +1805,8 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     for name, m in layers.items():
         parent, _, attr = name.rpartition(".")
         if isinstance(m, RandLoraWeight) or _weight_reader(model.get_submodule(parent), attr) == "computes":
-            raise ValueError(f"layer {_short(name)} adapts a weight an nn.MultiheadAttention reads directly: PEFT {what} would skip it")
+            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly (nn.MultiheadAttention, "
+                             f"nn.TransformerEncoderLayer): PEFT {what} would skip it")  # fmt: skip
         if not (m.mergeable or _bnb_class(m.base, "Linear8bitLt", "Linear4bit")):
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
                              "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip

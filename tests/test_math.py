@@ -662,12 +662,15 @@ def test_hold_weights_bitwise_across_accumulation_and_invalidated_by_every_write
     assert _kept(held) == [False, False]  # the context drops what it held
 
 
-def test_hold_weights_budget_holds_layers_in_order():
-    model = _mlp()
-    first = 2 * 24 * 40  # bf16 bytes of layer "0"'s W'
-    with randlora.hold_weights(model, budget_bytes=first):
-        assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [True, False]
-    assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [False, False]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hold_weights_budget_holds_layers_in_order(dtype):
+    """The budget counts each W' in its weight's dtype, in model order, taking every layer that still fits."""
+    model = _mlp().to(dtype)
+    first, second = 24 * 40 * dtype.itemsize, 40 * 16 * dtype.itemsize  # bytes of layer "0"'s and "2"'s W'
+    for budget, held in [(first, [True, False]), (first - 1, [False, True]), (first + second, [True, True]), (second - 1, [False, False])]:
+        with randlora.hold_weights(model, budget_bytes=budget):
+            assert [m._memo.hold for _, m in randlora.named_adapters(model)] == held, budget
+        assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [False, False]
 
 
 # Issue 19.1, "a cache must never serve stale weights": optimizers whose step writes parameters without bumping their

@@ -740,9 +740,9 @@ def test_to_lora_refusals_leave_files_alone(tmp_path):
     out_proj = randlora.inject(base_model("mha"), ["attn.out_proj", "fc"], rank=4)
     opaque = randlora.inject(nn.Sequential(LinearLike()), ["0"], 4)
     cases = [
-        (whole, "layer 'attn\\.(out_proj|parametrizations\\.in_proj_weight\\.0)' adapts a weight an nn.MultiheadAttention reads"),
-        (in_proj, "layer 'attn\\.parametrizations\\.in_proj_weight\\.0' adapts a weight an nn.MultiheadAttention reads.*LoRA"),
-        (out_proj, "layer 'attn\\.out_proj' adapts a weight an nn.MultiheadAttention reads.*LoRA"),
+        (whole, "layer 'attn\\.(out_proj|parametrizations\\.in_proj_weight\\.0)' adapts a weight its parent module reads directly \\(nn.MultiheadAttention"),
+        (in_proj, "layer 'attn\\.parametrizations\\.in_proj_weight\\.0' adapts a weight its parent module reads directly \\(nn.MultiheadAttention.*LoRA"),
+        (out_proj, "layer 'attn\\.out_proj' adapts a weight its parent module reads directly \\(nn.MultiheadAttention.*LoRA"),
         (opaque, "'0' wraps a LinearLike.*PEFT LoRA adapts only nn.Linear, Conv1D and bitsandbytes"),
         (base_model("mlp"), "no RandLoRA layers"),
     ]
@@ -897,6 +897,16 @@ def test_to_peft_refuses_out_proj_alone_of_an_mha(tmp_path):
     randlora.inject(block, ["attn.out_proj"], 4)
     assert_refused(block, lambda m: randlora.to_peft(m, tmp_path / "peft"), ValueError, "out_proj.*MultiheadAttention")
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("export", ["to_peft", "to_lora"])
+def test_export_refuses_encoder_layer_linears_its_fast_path_reads(tmp_path, export):
+    # nn.TransformerEncoderLayer's fast path reads linear1.weight / linear2.weight: PEFT's adapters there would be skipped.
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    randlora.inject(layer, ["linear1"], 4)
+    write = (lambda m: randlora.to_peft(m, tmp_path / "out")) if export == "to_peft" else (lambda m: randlora.to_lora(m, tmp_path / "out", 2))
+    assert_refused(layer, write, ValueError, r"'linear1' adapts a weight its parent module reads directly .*nn.TransformerEncoderLayer")
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
