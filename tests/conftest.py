@@ -100,6 +100,22 @@ def ref_layer_delta(layer: randlora.RandLoraLinear, lam=None, gam=None) -> torch
     return layer.scaling * ref_delta(A, B, lam, gam, layer.out_features, layer.in_features)
 
 
+def reference_copy(before: nn.Module, model: nn.Module) -> nn.Module:
+    """float64 copy of ``before`` with s·ΔW (:func:`ref_layer_delta`) added to every weight an adapter of ``model``
+    adapts (an MHA projection's through its owner)."""
+    ref = copy.deepcopy(before).double()
+    for name, ad in randlora.named_adapters(model):
+        parts = name.split(".")
+        if "parametrizations" in parts:
+            i = parts.index("parametrizations")
+            owner, pname = ".".join(parts[:i]), parts[i + 1]
+        else:
+            owner, pname = name, "weight"
+        with torch.no_grad():
+            getattr(ref.get_submodule(owner), pname).add_(ref_layer_delta(ad))
+    return ref
+
+
 def base_weight64(layer: randlora.RandLoraLinear) -> torch.Tensor:
     w = layer.base.weight.detach().to(torch.float64)
     return w if layer.layout == "linear" else w.t()
@@ -284,6 +300,29 @@ def bnb_linear(kind: str, in_f: int, out_f: int, seed: int) -> nn.Module:
     return q.to("cpu")  # quantizes
 
 
+class QNet(nn.Module):
+    """Two quantized layers. Sizes are multiples of 64: bitsandbytes' CPU 4-bit eval kernel
+    repacks the weight (in place, on the first eval forward, on avx512bf16 CPUs) into blocks of 64."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.q1 = bnb_linear(kind, 64, 128, 1)
+        self.act = nn.GELU()
+        self.q2 = bnb_linear(kind, 128, 64, 2)
+
+    def forward(self, x):
+        return self.q2(self.act(self.q1(x)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: with the cores shared, one intra-op thread is ~10x faster than several."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # -----------------------------------------------------------------------------
 # Layers, models and refusals shared by test_layers / test_targeting / test_verbs
 
@@ -440,6 +479,86 @@ def arch_run(model: nn.Module, inp: dict[str, torch.Tensor], dtype: torch.dtype 
     """The model's output tensor (``.logits`` of transformers' outputs), float inputs in ``dtype``."""
     out = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inp.items()})
     return out if isinstance(out, torch.Tensor) else out.logits
+
+def distinct_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each adapter of ``model`` once, under its first name."""
+    seen, out = set(), []
+    for name, ad in randlora.named_adapters(model):
+        if id(ad) not in seen:
+            seen.add(id(ad))
+            out.append((name, ad))
+    return out
+
+
+MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def adapter_slot(name: str, ad: nn.Module) -> tuple[str, str, bool]:
+    """Where an adapter's weight lives in the base model: (module path, parameter name, conv1d).
+
+    A RandLoraLinear adapts its base's ``weight`` under its own path; a weight parametrization
+    (MHA in-projections) is named after the parameter it adapts, e.g.
+    ``attn.parametrizations.in_proj_weight.0``."""
+    if isinstance(ad, randlora.RandLoraLinear):
+        return name, "weight", ad.layout == "conv1d"
+    parts = name.split(".")
+    hits = [i for i, p in enumerate(parts) if p in MHA_PARAMS or p == "weight"]
+    assert hits, f"cannot tell which weight adapter {name!r} adapts"
+    i = hits[-1]
+    return ".".join(p for p in parts[:i] if p != "parametrizations"), parts[i], False
+
+
+def arch_reference(before: nn.Module, model: nn.Module, grad: bool = False):
+    """float64 copy of ``before`` with ``scaling * ΔW`` of each adapter of ``model`` added.
+
+    With ``grad``, the update is a differentiable function of float64 leaves (lam, gam) per
+    adapter, returned as ``{name: (lam64, gam64)}``."""
+    ref = copy.deepcopy(before).double()
+    leaves = {}
+    for name, ad in distinct_adapters(model):
+        owner, pname, conv = adapter_slot(name, ad)
+        mod = ref.get_submodule(owner)
+        W = getattr(mod, pname).detach()
+        assert tuple(W.shape) == ((ad.in_features, ad.out_features) if conv else (ad.out_features, ad.in_features)), name
+        A, B = ad.random_bases(torch.float64)
+        lam = ad.lam.detach().to(torch.float64).requires_grad_(grad)
+        gam = ad.gam.detach().to(torch.float64).requires_grad_(grad)
+        dW = ad.scaling * ref_delta(A, B, lam, gam, ad.out_features, ad.in_features)
+        new = W + (dW.t() if conv else dW)
+        mod._parameters.pop(pname)  # unties it from anything else sharing it
+        setattr(mod, pname, new if grad else nn.Parameter(new.detach(), requires_grad=False))
+        leaves[name] = (lam, gam)
+    return ref, leaves
+
+
+def save_load_identical(model: nn.Module, fresh: nn.Module, inp, path) -> nn.Module:
+    """save_adapter -> load_adapter into ``fresh`` -> the same lam/gam and bit-identical outputs
+    (train with grad, and eval without)."""
+    randlora.save_adapter(model, path)
+    randlora.load_adapter(fresh, path)
+    mine, theirs = dict(distinct_adapters(model)), dict(distinct_adapters(fresh))
+    assert mine.keys() == theirs.keys()
+    for n in mine:
+        assert torch.equal(mine[n].lam, theirs[n].lam) and torch.equal(mine[n].gam, theirs[n].gam), n
+    for train, grad in ((True, True), (False, False)):
+        model.train(train)
+        fresh.train(train)
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(arch_run(fresh, inp), arch_run(model, inp)), f"train={train}"
+    return fresh
+
+
+def arch_train_steps(model: nn.Module, kind: str, steps: int = 3) -> None:
+    """A few SGD steps of a 3-class cross-entropy on :func:`arch_run`'s output for ``kind``'s inputs."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 3, (2,), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(arch_run(model, arch_inputs(kind)), labels).backward()
+        opt.step()
 
 
 def arch_randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:

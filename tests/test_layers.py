@@ -12,14 +12,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import randlora
 from conftest import (
     Int8Linear,
     MhaHolder,
     OwnForward,
+    QNet,
     assert_close,
     assert_refused,
     assert_unchanged,
@@ -33,10 +30,15 @@ from conftest import (
     record_saved,
     ref_delta,
     ref_layer_delta,
+    reference_copy,
     rel_err,
     snapshot,
     tiny_llama,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import randlora
 
 Config = randlora.RandLoraConfig
 
@@ -733,20 +735,6 @@ def test_4bit_base_runs_its_own_forward_when_it_must(monkeypatch):
     assert_close(y, want, 1e-5, what="4-bit base with an instance forward")
 
 
-class QNet(nn.Module):
-    """Two quantized layers. Sizes are multiples of 64: bitsandbytes' CPU 4-bit eval kernel
-    repacks the weight (in place, on the first eval forward, on avx512bf16 CPUs) into blocks of 64."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.q1 = bnb_linear(kind, 64, 128, 1)
-        self.act = nn.GELU()
-        self.q2 = bnb_linear(kind, 128, 64, 2)
-
-    def forward(self, x):
-        return self.q2(self.act(self.q1(x)))
-
-
 BNB_KINDS = ["int8", "nf4", "fp4"]
 
 
@@ -862,23 +850,6 @@ def test_bnb_merge_and_eject_refused(kind, tmp_path):
 # nn.MultiheadAttention as a target: RandLoraWeight on its input projection, RandLoraLinear out_proj
 
 
-def mha_reference(before: nn.Module, model: nn.Module) -> nn.Module:
-    """float64 copy of ``before`` with s·ΔW (conftest's independent reference) added to every weight
-    an adapter of ``model`` adapts."""
-    ref = copy.deepcopy(before).double()
-    for name, ad in randlora.named_adapters(model):
-        parts = name.split(".")
-        if "parametrizations" in parts:
-            i = parts.index("parametrizations")
-            owner, pname = ".".join(parts[:i]), parts[i + 1]
-        else:
-            owner, pname = name, "weight"
-        mod = ref.get_submodule(owner)
-        with torch.no_grad():
-            getattr(mod, pname).add_(ref_layer_delta(ad))
-    return ref
-
-
 MHA_CASES = [dict(batch_first=True), dict(batch_first=False), dict(batch_first=True, kdim=12, vdim=10), dict(batch_first=False, kdim=12, vdim=10)]
 
 
@@ -897,7 +868,7 @@ def test_mha_target_matches_reference_every_mode(case, monkeypatch):
     for i, ad in enumerate(names.values()):
         randomize_(ad, i)
         assert torch.linalg.matrix_rank(ad.delta_weight(torch.float64)).item() == ad.d  # full rank
-    ref = mha_reference(before, model)
+    ref = reference_copy(before, model)
     inp = mha_inputs(**case)
     calls = []
     native = torch._native_multi_head_attention

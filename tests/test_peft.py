@@ -25,20 +25,21 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import randlora  # noqa: E402
-from conftest import (  # noqa: E402
+import peft  # noqa: E402,F401  (test extras: a missing one must fail, not skip)
+import transformers  # noqa: E402
+from conftest import (
+    QNet,  # noqa: E402
     ResidualAttentionBlock,
     arch_base,
     arch_inputs,
     arch_randomize,
     arch_run,
+    arch_train_steps,
     assert_fs_unchanged,
     assert_refused,
     assert_unchanged,
-    bnb_linear,
     fresh_tiny,
     fs_snapshot,
     randomize_model_,
@@ -47,30 +48,20 @@ from conftest import (  # noqa: E402
     snapshot,
     tiny_llama,
 )
-
-import peft  # noqa: E402,F401  (test extras: a missing one must fail, not skip)
-import transformers  # noqa: E402
 from peft import PeftModel, RandLoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from peft.tuners.randlora.layer import RandLoraLayer  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+import randlora  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 RTOL = 1e-5
 MIN_EFFECT = 1e-2  # an adapter must move the output at least this much (relative)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 LLAMA_REGEX = r"model\.layers\.\d+\.(self_attn\.(q|k|v)_proj|mlp\.(up|down)_proj)"
 PEFT_W, PEFT_C = "adapter_model.safetensors", "adapter_config.json"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: with the cores shared, one intra-op thread is ~10x faster than several.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -----------------------------------------------------------------------------
@@ -767,18 +758,6 @@ def _arch_peft_load(kind, folder):
     return PeftModel.from_pretrained(arch_base(kind).eval(), str(folder)).eval()
 
 
-def _train_steps(model, kind, steps=3):
-    g = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 3, (2,), generator=g)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.5)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(arch_run(model, arch_inputs(kind)), labels).backward()
-        opt.step()
-
-
 @pytest.mark.parametrize(
     "kind,targets,extra",
     [
@@ -794,7 +773,7 @@ def test_to_peft_matches_peft_on_architectures(kind, targets, extra, tmp_path):
     randlora.inject(model, targets, 4, 3, alpha=8.0, **extra)
     arch_randomize(model, 3)
     if extra:
-        _train_steps(model, kind, steps=2)
+        arch_train_steps(model, kind, steps=2)
     model.eval()
     randlora.to_peft(model, tmp_path / "peft")
     inp = arch_inputs(kind)
@@ -846,20 +825,6 @@ def test_from_peft_takes_the_models_mode(tmp_path):
         assert all(m.training == train for m in ours.modules()), f"train={train}"
     with torch.no_grad():  # eval: the dropout is off, the outputs are PEFT's
         assert_close(arch_run(ours.eval(), inp), theirs, 1e-5)
-
-
-class QNet(nn.Module):
-    """Two quantized layers. Sizes are multiples of 64: bitsandbytes' CPU 4-bit eval kernel
-    repacks the weight (in place, on the first eval forward) into blocks of 64."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.q1 = bnb_linear(kind, 64, 128, 1)
-        self.act = nn.GELU()
-        self.q2 = bnb_linear(kind, 128, 64, 2)
-
-    def forward(self, x):
-        return self.q2(self.act(self.q1(x)))
 
 
 def _settle(model: nn.Module) -> nn.Module:

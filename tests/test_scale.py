@@ -45,18 +45,20 @@ from torch.utils.checkpoint import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import randlora  # noqa: E402
 from conftest import (  # noqa: E402
     arch_base,
     arch_inputs,
+    arch_reference,
     arch_randomize,
     arch_run,
     assert_close,
     bnb_linear,
-    ref_delta,
     rel_err,
+    save_load_identical,
     tiny_llama,
 )
+
+import randlora  # noqa: E402
 
 WORLD = 2
 RANK, SEED = 4, 7
@@ -828,7 +830,6 @@ ARCH_TARGETS = {
     "encoder": ["self_attn", "linear1", "linear2"],
     **{k: ["attn", "c_fc", "c_proj"] for k in ("block", "block-sf", "block-kv")},
 }
-MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def arch_adapted(kind: str, rank: int = 6, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -841,40 +842,6 @@ def arch_adapted(kind: str, rank: int = 6, seed: int = 0) -> tuple[nn.Module, nn
     return model, before
 
 
-def distinct_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    seen, out = set(), []
-    for name, ad in randlora.named_adapters(model):
-        if id(ad) not in seen:
-            seen.add(id(ad))
-            out.append((name, ad))
-    return out
-
-
-def slot(name: str, ad: nn.Module) -> tuple[str, str, bool]:
-    """Where an adapter's weight lives in the base model: (module path, parameter name, conv1d)."""
-    if isinstance(ad, randlora.RandLoraLinear):
-        return name, "weight", ad.layout == "conv1d"
-    parts = name.split(".")
-    i = max(i for i, p in enumerate(parts) if p in MHA_PARAMS)
-    return ".".join(p for p in parts[:i] if p != "parametrizations"), parts[i], False
-
-
-def arch_reference(before: nn.Module, model: nn.Module) -> nn.Module:
-    """A float64 copy of ``before`` with ``scaling * ΔW`` of each adapter of ``model`` added (each
-    adapted weight untied from anything else sharing it)."""
-    ref = copy.deepcopy(before).double()
-    for name, ad in distinct_adapters(model):
-        owner, pname, conv = slot(name, ad)
-        mod = ref.get_submodule(owner)
-        W = getattr(mod, pname).detach()
-        assert tuple(W.shape) == ((ad.in_features, ad.out_features) if conv else (ad.out_features, ad.in_features)), name
-        A, B = ad.random_bases(torch.float64)
-        dW = ad.scaling * ref_delta(A, B, ad.lam.detach(), ad.gam.detach(), ad.out_features, ad.in_features)
-        mod._parameters.pop(pname)
-        setattr(mod, pname, nn.Parameter(W + (dW.t() if conv else dW), requires_grad=False))
-    return ref
-
-
 def check_against_reference(model, ref, before, inp, what) -> None:
     """``model`` (float32, eval, no grad) == the float64 ``ref`` to RTOL32; the update matters."""
     for m in (model, ref, before):
@@ -885,27 +852,10 @@ def check_against_reference(model, ref, before, inp, what) -> None:
     assert_close(got, want, RTOL32, what=what)
 
 
-def save_load_identical(model: nn.Module, fresh: nn.Module, inp, path) -> nn.Module:
-    """save_adapter -> load_adapter into ``fresh`` -> the same lam/gam and bit-identical outputs
-    (train with grad, and eval without)."""
-    randlora.save_adapter(model, path)
-    randlora.load_adapter(fresh, path)
-    mine, theirs = dict(distinct_adapters(model)), dict(distinct_adapters(fresh))
-    assert mine.keys() == theirs.keys()
-    for n in mine:
-        assert torch.equal(mine[n].lam, theirs[n].lam) and torch.equal(mine[n].gam, theirs[n].gam), n
-    for train, grad in ((True, True), (False, False)):
-        model.train(train)
-        fresh.train(train)
-        with torch.set_grad_enabled(grad):
-            assert torch.equal(arch_run(fresh, inp), arch_run(model, inp)), f"train={train}"
-    return fresh
-
-
 def test_llama_merge_eject_and_save_load(tmp_path):
     model, before = arch_adapted("llama")
     inp = arch_inputs("llama")
-    ref = arch_reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against_reference(model, ref, before, inp, "llama")
     save_load_identical(model, arch_base("llama"), inp, tmp_path / "a.safetensors")
     randlora.merge(model)

@@ -35,28 +35,35 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils import parametrize
-
-import randlora
+import transformers  # noqa: E402,F401  (test extras: a missing one must fail, not skip)
 from conftest import (
+    adapter_slot,
+    arch_reference,
     MhaHolder,
     OwnForward,
+    ResidualAttentionBlock,
+    arch_base,
+    arch_inputs,
+    arch_run,
+    arch_train_steps,
     assert_close,
     assert_refused,
     assert_unchanged,
+    distinct_adapters,
     fresh_tiny,
     nonzero_uniform,
     randomize_model_,
     ref_delta,
     rel_err,
+    save_load_identical,
     snapshot,
     tiny_llama,
 )
+from torch.nn.utils import parametrize
 
-import transformers  # noqa: E402  (test extras: a missing one must fail, not skip)
+import randlora
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 RTOL64 = 1e-9
 RTOL32 = 1e-4
@@ -67,7 +74,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]  # c_proj: attn.c_proj and mlp.c_proj
 T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 BLOCK_TARGETS = ["attn", "c_fc", "c_proj"]
-MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 ALL = ["embed", "block.0", "block.2", "head"]  # TinyNet's linear layers
 
 
@@ -75,76 +81,6 @@ ALL = ["embed", "block.0", "block.2", "head"]  # TinyNet's linear layers
 # Models
 
 
-class ResidualAttentionBlock(nn.Module):
-    """An open_clip-style block: ln_1 -> nn.MultiheadAttention -> ln_2 -> mlp(c_fc, gelu, c_proj).
-
-    With ``kdim``/``vdim`` the attention takes its own key and value inputs (then MHA keeps
-    separate q/k/v projection weights)."""
-
-    def __init__(self, d: int = 32, heads: int = 4, batch_first: bool = True, kdim: int | None = None, vdim: int | None = None) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first, kdim=kdim, vdim=vdim)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(d, 4 * d)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(4 * d, d))]))
-
-    def forward(self, x: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.ln_1(x)
-        k = q if k is None else k
-        v = q if v is None else v
-        x = x + self.attn(q, k, v, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-def _gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(cfg)
-
-
-def _vit() -> nn.Module:
-    cfg = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
-        patch_size=4, num_channels=3, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return transformers.ViTForImageClassification(cfg)
-
-
-def _t5() -> nn.Module:
-    cfg = transformers.T5Config(
-        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=64, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )
-    return transformers.T5ForConditionalGeneration(cfg)
-
-
-def _encoder() -> nn.Module:
-    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation="gelu")
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-
-
-BUILDERS = {
-    "llama": tiny_llama,
-    "gpt2": _gpt2,
-    "bert": _bert,
-    "vit": _vit,
-    "t5": _t5,
-    "encoder": _encoder,
-    "block": ResidualAttentionBlock,
-    "block-sf": lambda: ResidualAttentionBlock(batch_first=False),
-    "block-kv": lambda: ResidualAttentionBlock(kdim=24, vdim=20),
-    "block-kv-sf": lambda: ResidualAttentionBlock(batch_first=False, kdim=24, vdim=20),
-}
 TARGETS = {
     "llama": LLAMA_TARGETS,
     "gpt2": GPT2_TARGETS,
@@ -154,48 +90,9 @@ TARGETS = {
     "encoder": ["self_attn", "linear1", "linear2"],
     **{k: BLOCK_TARGETS for k in ("block", "block-sf", "block-kv", "block-kv-sf")},
 }
-_CACHE: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: with the cores shared, one intra-op thread is ~10x faster than several.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def base(kind: str) -> nn.Module:
-    """A fresh copy of one fixed random model per kind (float32, train mode)."""
-    if kind not in _CACHE:
-        torch.manual_seed(sorted(BUILDERS).index(kind) + 11)
-        _CACHE[kind] = BUILDERS[kind]().train()
-    return copy.deepcopy(_CACHE[kind])
-
-
-def inputs(kind: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    if kind in ("llama", "gpt2", "bert"):
-        return {"input_ids": torch.randint(0, 64, (2, 7), generator=g)}
-    if kind == "t5":
-        return {"input_ids": torch.randint(2, 64, (2, 7), generator=g), "decoder_input_ids": torch.randint(2, 64, (2, 5), generator=g)}
-    if kind == "vit":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
-    if kind == "encoder":
-        return {"src": torch.randn(2, 6, 32, generator=g)}
-    batch_first = not kind.endswith("-sf")
-    shape = lambda s, f: (2, s, f) if batch_first else (s, 2, f)  # noqa: E731
-    inp = {"x": torch.randn(*shape(5, 32), generator=g)}
-    if "kv" in kind:
-        inp["k"] = torch.randn(*shape(6, 24), generator=g)
-        inp["v"] = torch.randn(*shape(6, 20), generator=g)
-    return inp
-
-
-def run(model: nn.Module, inp: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    out = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inp.items()})
-    return out if isinstance(out, torch.Tensor) else out.logits
+base, inputs, run = arch_base, arch_inputs, arch_run  # conftest's tiny architectures (seeded per kind)
 
 
 def adapted(kind: str, strategy: str = "auto", rank: int = 6, seed: int = 0, model: nn.Module | None = None, **kw) -> tuple[nn.Module, nn.Module]:
@@ -220,59 +117,12 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
             ad.gam.copy_(nonzero_uniform(ad.gam.shape, g) * scale / ad.d**0.5)
 
 
-def distinct_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    seen, out = set(), []
-    for name, ad in randlora.named_adapters(model):
-        if id(ad) not in seen:
-            seen.add(id(ad))
-            out.append((name, ad))
-    return out
-
-
 def names_of(model: nn.Module) -> list[str]:
     return [n for n, _ in randlora.named_adapters(model)]
 
 
 # -----------------------------------------------------------------------------
 # The float64 reference
-
-
-def slot(name: str, ad: nn.Module) -> tuple[str, str, bool]:
-    """Where an adapter's weight lives in the base model: (module path, parameter name, conv1d).
-
-    A RandLoraLinear adapts its base's ``weight`` under its own path; a weight parametrization
-    (MHA in-projections) is named after the parameter it adapts, e.g.
-    ``attn.parametrizations.in_proj_weight.0``."""
-    if isinstance(ad, randlora.RandLoraLinear):
-        return name, "weight", ad.layout == "conv1d"
-    parts = name.split(".")
-    hits = [i for i, p in enumerate(parts) if p in MHA_PARAMS or p == "weight"]
-    assert hits, f"cannot tell which weight adapter {name!r} adapts"
-    i = hits[-1]
-    return ".".join(p for p in parts[:i] if p != "parametrizations"), parts[i], False
-
-
-def reference(before: nn.Module, model: nn.Module, grad: bool = False):
-    """float64 copy of ``before`` with ``scaling * ΔW`` of each adapter of ``model`` added.
-
-    With ``grad``, the update is a differentiable function of float64 leaves (lam, gam) per
-    adapter, returned as ``{name: (lam64, gam64)}``."""
-    ref = copy.deepcopy(before).double()
-    leaves = {}
-    for name, ad in distinct_adapters(model):
-        owner, pname, conv = slot(name, ad)
-        mod = ref.get_submodule(owner)
-        W = getattr(mod, pname).detach()
-        assert tuple(W.shape) == ((ad.in_features, ad.out_features) if conv else (ad.out_features, ad.in_features)), name
-        A, B = ad.random_bases(torch.float64)
-        lam = ad.lam.detach().to(torch.float64).requires_grad_(grad)
-        gam = ad.gam.detach().to(torch.float64).requires_grad_(grad)
-        dW = ad.scaling * ref_delta(A, B, lam, gam, ad.out_features, ad.in_features)
-        new = W + (dW.t() if conv else dW)
-        mod._parameters.pop(pname)  # unties it from anything else sharing it
-        setattr(mod, pname, new if grad else nn.Parameter(new.detach(), requires_grad=False))
-        leaves[name] = (lam, gam)
-    return ref, leaves
 
 
 def check_against(model, ref, before, inp, dtype, rtol, what, modes=((True, True), (True, False), (False, True), (False, False))):
@@ -292,7 +142,7 @@ def check_against(model, ref, before, inp, dtype, rtol, what, modes=((True, True
 
 def check_grads(model, before, inp, dtype, rtol, what, train=True):
     """lam/gam gradients of a weighted sum of the outputs == those of the float64 reference."""
-    ref, leaves = reference(before, model, grad=True)
+    ref, leaves = arch_reference(before, model, grad=True)
     model.train(train)
     ref.train(train)
     for p in model.parameters():
@@ -324,9 +174,9 @@ def check_float32_then_float64(model, ref, before, inp, what, grads64=True):
 
 def check_weights(model, before, rtol, what):
     """Every adapted weight, read as a parent reads it (``owner.<param>``), is W + s*ΔW."""
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     for name, ad in distinct_adapters(model):
-        owner, pname, _ = slot(name, ad)
+        owner, pname, _ = adapter_slot(name, ad)
         got = getattr(model.get_submodule(owner), pname)
         assert_close(got, getattr(ref.get_submodule(owner), pname), rtol, what=f"{what}: {owner}.{pname}")
 
@@ -335,34 +185,6 @@ def refused(model: nn.Module, fn, errors, *patterns: str, inp=None) -> str:
     """``fn(model)`` raises one of ``errors`` matching every pattern; the model is unchanged, and so
     are its (eval) outputs on ``inp``."""
     return assert_refused(model, fn, errors, *patterns, outputs=None if inp is None else lambda m: run(m.eval(), inp))
-
-
-def save_load_identical(model: nn.Module, fresh: nn.Module, inp, path) -> nn.Module:
-    """save_adapter -> load_adapter into ``fresh`` -> outputs bit-identical (train+grad and eval)."""
-    randlora.save_adapter(model, path)
-    randlora.load_adapter(fresh, path)
-    mine, theirs = dict(distinct_adapters(model)), dict(distinct_adapters(fresh))
-    assert mine.keys() == theirs.keys()
-    for n in mine:
-        assert torch.equal(mine[n].lam, theirs[n].lam) and torch.equal(mine[n].gam, theirs[n].gam), n
-    for train, grad in ((True, True), (False, False)):
-        model.train(train)
-        fresh.train(train)
-        with torch.set_grad_enabled(grad):
-            assert torch.equal(run(fresh, inp), run(model, inp)), f"train={train}"
-    return fresh
-
-
-def _train_steps(model, kind, steps=3):
-    g = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 3, (2,), generator=g)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.5)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(run(model, inputs(kind)), labels).backward()
-        opt.step()
 
 
 # =============================================================================
@@ -488,7 +310,7 @@ def test_all_linear_leaves_output_heads_out(rank):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith((".lam", ".gam"))}
     assert trainable == {"classifier.trained.weight", "classifier.trained.bias"}
     start = model.classifier.trained.weight.detach().clone()
-    _train_steps(model, "bert", steps=1)
+    arch_train_steps(model, "bert", steps=1)
     assert not torch.equal(model.classifier.trained.weight, start), "the head did not train"
     assert torch.equal(model.classifier.original.weight, base("bert").classifier.weight)
 
@@ -504,7 +326,7 @@ def test_all_linear_on_an_mha_block_adapts_out_proj_only():
     assert not parametrize.is_parametrized(model.attn) and type(model.attn.in_proj_weight) is nn.Parameter
     assert torch.equal(model.attn.in_proj_weight, before.attn.in_proj_weight) and not model.attn.in_proj_weight.requires_grad
     inp = inputs("block")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, "all-linear block")
     check_grads(model, before, inp, torch.float32, 1e-3, "all-linear block")
 
@@ -669,7 +491,7 @@ def test_one_module_under_two_names(targets):
     assert names_of(model) == ["block"] and model.block.name == "block"
     assert len(distinct_adapters(model)) == 1
     inp = _x8()
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, "two names")
     W0 = before.block.weight.detach().clone()
     randlora.merge(model)
@@ -714,7 +536,7 @@ def test_two_linears_sharing_a_weight(cls, one, two, targets):
     randlora.inject(model, targets, 4, alpha=8.0)
     randomize(model, scale=1.0)
     inp = _x8()
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, f"shared weight {targets}")
     owners = [model.get_submodule(n).base if n in targets else model.get_submodule(n) for n in (one, two)]
     assert owners[0].weight is owners[1].weight and torch.equal(owners[0].weight, W), "the shared weight changed"
@@ -731,7 +553,7 @@ def test_llama_matches_float64_reference(strategy):
     model, before = adapted("llama", strategy)
     assert len(distinct_adapters(model)) == 2 * 7
     inp = inputs("llama")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_float32_then_float64(model, ref, before, inp, f"llama {strategy}")
 
 
@@ -781,7 +603,7 @@ def test_gpt2_conv1d_and_tied_head_forward(strategy):
     assert model.transformer.wte.weight is model.lm_head.base.weight
     assert torch.equal(model.transformer.wte.weight, before.transformer.wte.weight)
     inp = inputs("gpt2")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_float32_then_float64(model, ref, before, inp, f"gpt2 {strategy}", grads64=False)
 
 
@@ -804,7 +626,7 @@ def test_gpt2_retie_after_inject():
     assert model.lm_head.base.weight is model.transformer.wte.weight
     assert torch.equal(model.transformer.wte.weight, before.transformer.wte.weight)
     inp = inputs("gpt2")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, "gpt2 re-tied")
     check_grads(model, before, inp, torch.float32, 1e-3, "gpt2 re-tied")
     refused(model, randlora.merge, ValueError, r"'lm_head(\.base)?\.weight'", r"'transformer\.wte\.weight'", inp=inp)
@@ -819,7 +641,7 @@ def test_t5_all_projections(strategy, tmp_path):
     model, before = adapted("t5", strategy, rank=4)
     assert len(distinct_adapters(model)) == 2 * 6 + 2 * 10
     inp = inputs("t5")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_weights(model, before, 1e-6, "t5")  # reads weights only: order-free
     check_float32_then_float64(model, ref, before, inp, f"t5 {strategy}", grads64=False)
     model.float()
@@ -843,14 +665,14 @@ def test_t5_all_projections(strategy, tmp_path):
 def test_classifier_head_modules_to_save(kind, tmp_path):
     model, before = adapted(kind, modules_to_save=["classifier"])
     inp = inputs(kind)
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, f"{kind} (head untrained)")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if not n.endswith((".lam", ".gam"))}
     assert len(head) >= 2 and all("classifier" in n for n in head), head
     assert not any(p.requires_grad for n, p in model.named_parameters() if "classifier" not in n and not n.endswith((".lam", ".gam")))
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in head}
-    _train_steps(model, kind)
+    arch_train_steps(model, kind)
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in head), "head did not train"
     # The adapter file carries the head; loading it into a fresh model reproduces the logits.
     assert any("classifier" in k for k in randlora.adapter_state_dict(model))
@@ -891,7 +713,7 @@ def test_transformer_encoder_fast_path(targets, monkeypatch):
     assert len(calls) == 2, "the base encoder does not take the fast path: the check below would be vacuous"
     randlora.inject(model, targets, 6, alpha=12.0)
     randomize(model)
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     with torch.no_grad():
         want = run(ref.train(), inp, torch.float64)  # train mode, dropout 0: the slow path
     assert rel_err(want, plain) > MIN_EFFECT
@@ -944,7 +766,7 @@ def test_mha_block_matches_reference(kind, strategy):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * len(ads) and all(n.endswith((".lam", ".gam")) for n in trainable), trainable
     inp = inputs(kind)
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     check_weights(model, before, 1e-6, kind)
     check_float32_then_float64(model, ref, before, inp, f"{kind} {strategy}")
 
@@ -971,7 +793,7 @@ def test_mha_merge_unmerge_disable_eject(kind):
     model, before = adapted(kind, model=model)
     assert all(not m.training for m in model.modules())  # new modules take the model's mode
     inp = inputs(kind)
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     before.eval()
     with torch.no_grad():
         plain = run(before, inp)
@@ -1054,7 +876,7 @@ def test_inject_and_load_keep_the_models_mode(tmp_path):
     assert all(not m.training for m in model.modules())
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
     inp = inputs("llama")
-    ref, _ = reference(before, model)
+    ref, _ = arch_reference(before, model)
     with torch.no_grad():
         first = run(model, inp)
         assert torch.equal(run(model, inp), first)

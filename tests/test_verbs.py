@@ -22,11 +22,6 @@ import tempfile
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-import randlora
 from conftest import (
     MhaHolder,
     assert_close,
@@ -39,8 +34,14 @@ from conftest import (
     randomize_,
     randomize_model_,
     ref_layer_delta,
+    reference_copy,
     snapshot,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import randlora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["embed", "block.0", "block.2", "head"]  # TinyNet's linear layers
@@ -786,21 +787,6 @@ def test_mha_state_dict_carries_merge_state():
 # Copies of a model are independent (issue 19.5, "another model changed")
 
 
-def _reference_of(before: nn.Module, model: nn.Module) -> nn.Module:
-    """float64 copy of ``before`` with s·ΔW of every adapter of ``model`` added where it adapts."""
-    ref = copy.deepcopy(before).double()
-    for name, ad in randlora.named_adapters(model):
-        parts = name.split(".")
-        if "parametrizations" in parts:
-            i = parts.index("parametrizations")
-            owner, pname = ".".join(parts[:i]), parts[i + 1]
-        else:
-            owner, pname = name, "weight"
-        with torch.no_grad():
-            getattr(ref.get_submodule(owner), pname).add_(ref_layer_delta(ad))
-    return ref.eval()
-
-
 def _copyable(kind: str):
     """(adapted model in eval, its base before inject (frozen), inputs)."""
     torch.manual_seed(0)
@@ -847,7 +833,7 @@ def test_deepcopy_then_a_verb_never_changes_the_other_copy(kind, verb):
         with torch.no_grad():
             assert torch.equal(b(*inp), y), f"{victim} {verb}: the other copy's outputs changed"
         # Both copies still work: the verb's copy computes the reference too.
-        ref = _reference_of(before, b)
+        ref = reference_copy(before, b).eval()
         with torch.no_grad():
             want = ref(*[t.double() for t in inp])
             assert_close(a(*inp), want, 1e-5, what=f"{victim} {verb}: the copy acted on")
