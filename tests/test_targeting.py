@@ -44,6 +44,7 @@ from conftest import (
     ResidualAttentionBlock,
     arch_base,
     arch_inputs,
+    arch_randomize,
     arch_run,
     arch_train_steps,
     assert_close,
@@ -51,7 +52,6 @@ from conftest import (
     assert_unchanged,
     distinct_adapters,
     fresh_tiny,
-    nonzero_uniform,
     randomize_model_,
     ref_delta,
     rel_err,
@@ -104,17 +104,8 @@ def adapted(kind: str, strategy: str = "auto", rank: int = 6, seed: int = 0, mod
     model = base(kind) if model is None else model
     before = copy.deepcopy(model).requires_grad_(False)  # frozen like the adapted model's base
     randlora.inject(model, TARGETS[kind], rank, seed, alpha=2.0 * rank, strategy=strategy, **kw)
-    randomize(model, seed)
+    arch_randomize(model, seed)
     return model, before
-
-
-def randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    """Random non-zero lam/gam for every adapter (sized so the update is comparable to W)."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for _, ad in randlora.named_adapters(model):
-            ad.lam.copy_(nonzero_uniform(ad.lam.shape, g) * scale)
-            ad.gam.copy_(nonzero_uniform(ad.gam.shape, g) * scale / ad.d**0.5)
 
 
 def names_of(model: nn.Module) -> list[str]:
@@ -321,7 +312,7 @@ def test_all_linear_on_an_mha_block_adapts_out_proj_only():
     model = base("block")
     before = copy.deepcopy(model).requires_grad_(False)
     randlora.inject(model, "all-linear", 6, alpha=12.0)
-    randomize(model)
+    arch_randomize(model)
     assert sorted(names_of(model)) == ["attn.out_proj", "mlp.c_fc", "mlp.c_proj"]
     assert not parametrize.is_parametrized(model.attn) and type(model.attn.in_proj_weight) is nn.Parameter
     assert torch.equal(model.attn.in_proj_weight, before.attn.in_proj_weight) and not model.attn.in_proj_weight.requires_grad
@@ -486,7 +477,7 @@ def test_one_module_under_two_names(targets):
     model = TwoNames()
     before = copy.deepcopy(model).requires_grad_(False)  # frozen like the adapted model's base
     randlora.inject(model, targets, 4, alpha=8.0)
-    randomize(model, scale=1.0)
+    arch_randomize(model, scale=1.0)
     assert model.block is model.alias and isinstance(model.block, randlora.RandLoraLinear)
     assert names_of(model) == ["block"] and model.block.name == "block"
     assert len(distinct_adapters(model)) == 1
@@ -534,7 +525,7 @@ def test_two_linears_sharing_a_weight(cls, one, two, targets):
     before = copy.deepcopy(model).requires_grad_(False)  # frozen like the adapted model's base
     W = model.get_submodule(one).weight.detach().clone()
     randlora.inject(model, targets, 4, alpha=8.0)
-    randomize(model, scale=1.0)
+    arch_randomize(model, scale=1.0)
     inp = _x8()
     ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, f"shared weight {targets}")
@@ -712,7 +703,7 @@ def test_transformer_encoder_fast_path(targets, monkeypatch):
         plain = run(before.eval(), inp)
     assert len(calls) == 2, "the base encoder does not take the fast path: the check below would be vacuous"
     randlora.inject(model, targets, 6, alpha=12.0)
-    randomize(model)
+    arch_randomize(model)
     ref, _ = arch_reference(before, model)
     with torch.no_grad():
         want = run(ref.train(), inp, torch.float64)  # train mode, dropout 0: the slow path
@@ -872,7 +863,7 @@ def test_inject_and_load_keep_the_models_mode(tmp_path):
     model = base("llama").eval()
     before = copy.deepcopy(model).requires_grad_(False)  # frozen like the adapted model's base
     randlora.inject(model, LLAMA_TARGETS, 6, alpha=12.0, dropout=0.5)
-    randomize(model)
+    arch_randomize(model)
     assert all(not m.training for m in model.modules())
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
     inp = inputs("llama")
@@ -934,7 +925,7 @@ def test_dtype_conversions_keep_adapters_float32(kind):
 
 def test_load_adapter_into_meta_model_refused(tmp_path):
     model = randlora.inject(base("block"), ["c_fc", "c_proj"], 6, alpha=12.0)
-    randomize(model)
+    arch_randomize(model)
     randlora.save_adapter(model, tmp_path / "a.safetensors")
     with torch.device("meta"):
         meta = ResidualAttentionBlock()
