@@ -137,6 +137,7 @@ def build(kind: str, rank: int | None, args, dev: str, dtype: torch.dtype) -> nn
 
 
 def make_call(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """The timed call (forward + backward) and its forward alone (the graph is built, then freed unused)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def call() -> None:
@@ -145,7 +146,10 @@ def make_call(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
             p.grad = None
         model(x).backward(dy)
 
-    return call
+    def forward() -> None:
+        model(x)
+
+    return call, forward
 
 
 def sync(dev: str) -> None:
@@ -243,16 +247,16 @@ def main() -> None:
     dy = torch.randn(args.tokens, args.dim, device=dev, dtype=dtype)
     entries = {}
     for label, kind, rank in methods:
-        e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], status="ok")
+        e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], fwd_cpu_times_s=[], status="ok")
         try:
             model = build(kind, rank, args, dev, dtype)
             e["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             e["trainable_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
-            call = make_call(model, x, dy)
+            call, forward = make_call(model, x, dy)
             for _ in range(args.warmup):
                 call()
             sync(dev)
-            e["model"], e["call"] = model, call
+            e["model"], e["call"], e["forward"] = model, call, forward
         except Exception as exc:  # one method failing must not stop the others
             e["status"] = "error"
             e["error"] = f"{type(exc).__name__}: {exc}"
@@ -267,6 +271,7 @@ def main() -> None:
                 wall_s, cpu_s = time_calls(e["call"], args.iters, dev)
                 e["times_s"].append(wall_s)
                 e["cpu_times_s"].append(cpu_s)
+                e["fwd_cpu_times_s"].append(time_calls(e["forward"], args.iters, dev)[1])
             except Exception as exc:
                 e["status"] = "error"
                 e["error"] = f"{type(exc).__name__}: {exc}"
@@ -276,7 +281,8 @@ def main() -> None:
 
     scale = 1e6 / (args.iters * args.layers)
     for e in entries.values():
-        for src, pre in (("times_s", ""), ("cpu_times_s", "cpu_")):
+        e["bwd_cpu_times_s"] = [c - f for c, f in zip(e["cpu_times_s"], e["fwd_cpu_times_s"])]  # the rest: the backward
+        for src, pre in (("times_s", ""), ("cpu_times_s", "cpu_"), ("fwd_cpu_times_s", "fwd_cpu_"), ("bwd_cpu_times_s", "bwd_cpu_")):
             us = [t * scale for t in e[src]]
             e[f"{pre}us_per_layer"] = us
             if us:
@@ -287,19 +293,22 @@ def main() -> None:
 
     print("\nµs per adapted-layer call (forward + backward), median of the repeats (range); wall = time.perf_counter, "
           "CPU = time.process_time of the process (robust to other load on the machine)")
-    print("| method | trainable per layer | wall µs | CPU µs | CPU over frozen | wall ÷ LoRA | CPU ÷ LoRA |")
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+    print("| method | trainable per layer | wall µs | CPU µs | CPU over frozen | wall ÷ LoRA | CPU ÷ LoRA | forward CPU µs (÷ LoRA) "
+          "| backward CPU µs (÷ LoRA) |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- | --- |")
     for label, e in entries.items():
         if "median_us" not in e:
-            print(f"| {label} | | {e['status']}: {e.get('error', '')[:80]} | | | | |")
+            print(f"| {label} | | {e['status']}: {e.get('error', '')[:80]} | | | | | | |")
             continue
         frozen_cpu, lora_w, lora_c = ref("frozen", "cpu_median_us"), ref("lora", "median_us"), ref("lora", "cpu_median_us")
         over = f"{e['cpu_median_us'] - frozen_cpu:.1f}" if frozen_cpu is not None else ""
         rw = f"{e['median_us'] / lora_w:.2f}" if lora_w else ""
         rc = f"{e['cpu_median_us'] / lora_c:.2f}" if lora_c else ""
         per_layer = e.get("trainable", 0) // args.layers
+        parts = [f"{e[f'{k}_cpu_median_us']:.1f} ({e[f'{k}_cpu_median_us'] / ref('lora', f'{k}_cpu_median_us'):.2f})"
+                 if ref("lora", f"{k}_cpu_median_us") else f"{e[f'{k}_cpu_median_us']:.1f}" for k in ("fwd", "bwd")]
         print(f"| {label} | {per_layer:,} | {e['median_us']:.1f} ({e['min_us']:.1f}–{e['max_us']:.1f}) | "
-              f"{e['cpu_median_us']:.1f} ({e['cpu_min_us']:.1f}–{e['cpu_max_us']:.1f}) | {over} | {rw} | {rc} |")
+              f"{e['cpu_median_us']:.1f} ({e['cpu_min_us']:.1f}–{e['cpu_max_us']:.1f}) | {over} | {rw} | {rc} | {parts[0]} | {parts[1]} |")
     try:
         load = ", load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
@@ -327,7 +336,7 @@ def main() -> None:
             dim=args.dim, tokens=args.tokens, layers=args.layers, iters=args.iters, reps=args.reps,
             lora_rank=args.lora_rank, equal_count_rank=r_eq, randlora_sha256=sha,
             loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None,
-            methods={k: {kk: vv for kk, vv in v.items() if kk not in ("model", "call")} for k, v in entries.items()},
+            methods={k: {kk: vv for kk, vv in v.items() if kk not in ("model", "call", "forward")} for k, v in entries.items()},
         )
         try:
             import peft
