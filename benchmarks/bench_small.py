@@ -280,8 +280,8 @@ def attach(method: str, model: nn.Module, spec: dict, info: dict) -> nn.Module:
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            if p.requires_grad and p.numel() and not bool(p.any()):
-                p.normal_(0, 0.02)  # never time on zeros
+            if p.requires_grad and p.numel() and not p.is_meta and not bool(p.any()):
+                p.normal_(0, 0.02)  # never time on zeros (flops.py counts on the meta device: no values)
     return model
 
 

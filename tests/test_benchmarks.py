@@ -37,3 +37,21 @@ def test_bench_small_eager_runs_every_method(tmp_path):
     res = json.loads(out.read_text())
     assert res["finished"] and {r["method"] for r in res["runs"]} == {"frozen", "lora", "ours", "randlora"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in res["runs"])
+
+
+def test_flops_on_meta_count_what_a_real_step_computes(monkeypatch):
+    """flops.py counts on the meta device: each method's matmuls (mm, addmm: every linear layer and adapter) count as
+    in the same step run on the CPU (whose fused attention kernel torch's counter skips; meta runs attention as bmm),
+    and the exact full-rank update costs more than LoRA's (the arithmetic floor the README cites)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_small
+    import flops
+
+    for name in ("tiny-bert", "tiny-qwen2"):
+        spec = bench_small.parse_shape(name)
+        info = bench_small.shape_info(spec)
+        counts = {m: flops.step_macs(spec, info, m) for m in flops.METHODS}
+        for m in flops.METHODS:
+            cpu = flops.step_macs(spec, info, m, device="cpu")[1]
+            assert [counts[m][1].get(op) for op in ("aten.mm", "aten.addmm")] == [cpu.get(op) for op in ("aten.mm", "aten.addmm")]
+        assert counts["frozen"][0] < counts["lora"][0] < counts["ours"][0], (name, counts)
