@@ -488,15 +488,21 @@ class _Views(dict):
         return self
 
 
+def _check_config(config: object) -> None:
+    """Refuse anything but a RandLoraConfig, naming the spelling that works."""
+    if not isinstance(config, RandLoraConfig):
+        raise TypeError(f"config must be a RandLoraConfig, e.g. RandLoraConfig(rank=4), got {type(config).__name__} {_short(config)}")
+
+
 class RandLoraAdapter(nn.Module):
     """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and ``gam``."""
 
     mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
+    _dropout_refusal = ""  # why no dropout can apply here (its parent reads the weight): set by _adapt
 
     def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
         super().__init__()
-        if not isinstance(config, RandLoraConfig):
-            raise TypeError(f"config must be a RandLoraConfig, e.g. RandLoraConfig(rank=4), got {type(config).__name__} {_short(config)}")
+        _check_config(config)
         if config.rank > min(in_f, out_f) and bases is None:  # stored (PEFT) bases may have r > d
             raise ValueError(_RANK_TOO_LARGE.format(_short(config.rank), min(in_f, out_f), _short(name), in_f, out_f))
         self.in_features, self.out_features, self.d, self.D = in_f, out_f, min(in_f, out_f), max(in_f, out_f)
@@ -534,6 +540,9 @@ class RandLoraAdapter(nn.Module):
 
     def set_config(self, config: RandLoraConfig) -> None:
         """Take ``config``'s per-layer settings (dropout, strategy); the shared ones must not change."""
+        _check_config(config)
+        if config.dropout > 0 and self._dropout_refusal:
+            raise ValueError(f"layer {_short(self.name)} cannot take dropout {config.dropout}: {self._dropout_refusal}")
         if config.shared != self.config.shared or (config.dropout > 0 and "dropout" not in self._modules):
             raise ValueError(f"layer {_short(self.name)} cannot take {config}: (rank, alpha, seed, bases) must stay "
                              f"{self.config.shared}{', and it takes no dropout' if 'dropout' not in self._modules else ''}")  # fmt: skip
@@ -661,9 +670,14 @@ class RandLoraAdapter(nn.Module):
                 missing.remove(key)
             if self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict:
                 self._merged_params, self.merged = None, False  # the weight loaded is an unmerged one
+            elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
+                self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
+                self.merge()
 
     def delta_weight(self, dtype: torch.dtype = torch.float32, lam=None, gam=None) -> torch.Tensor:
         """``scaling * ΔW`` ``(out, in)`` in ``dtype``, computed in float32 (float64 for float64), without grad."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"delta_weight's dtype must be a floating torch.dtype, got {_short(dtype)}")
         lam, gam = self.lam if lam is None else lam, self.gam if gam is None else gam
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.no_grad():
@@ -681,8 +695,9 @@ class RandLoraAdapter(nn.Module):
                 f"({self._bases.kind}), scaling={self.scaling:g}, strategy={self.strategy!r}")  # fmt: skip
 
 
-_UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parametrized): requantizing W + s·ΔW would change "
-                "the result; keep the adapter unmerged (it computes beside the layer)")  # fmt: skip
+_UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parametrized) or whose forward is hooked or replaced "
+                "(accelerate's hooks): merging W + s·ΔW into it would change the result; keep the adapter unmerged (it computes "
+                "beside the layer)")  # fmt: skip
 
 
 class RandLoraLinear(RandLoraAdapter):
@@ -722,24 +737,26 @@ class RandLoraLinear(RandLoraAdapter):
             if self.merged:
                 self._refuse_training_merged()
             return self.base(x)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"RandLoraLinear {_short(self.name)}: input has shape {tuple(x.shape)}; expected (..., in_features={self.in_features})")
-        p, dtype = self._plan, x.dtype
-        if p.amp and torch.is_autocast_enabled(p.device_type):
+        if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
+            raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected floating "
+                             f"(..., in_features={self.in_features})")  # fmt: skip
+        p, dtype, base = self._plan, x.dtype, self.base
+        if p.amp and dtype != torch.float64 and torch.is_autocast_enabled(p.device_type):  # autocast leaves float64 be
             dtype = torch.get_autocast_dtype(p.device_type)
         A, Bf = self._bases_in(dtype)
         x2 = x.reshape(-1, self.in_features)
         build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
-        unpack = _dequantizer(self.base, dtype) if build and self.layout == "4bit" and not drop else None
-        if (self.mergeable or unpack is not None) and not drop:  # the base matmul runs inside the function
-            W, b = self.base.weight, self.base.bias
+        unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
+        fused = (self.mergeable or unpack is not None) and not drop and not _own_call(base)  # hooks set after inject run
+        if fused:  # the base matmul runs inside the function
+            W, b = base.weight, base.bias
             call = _Call(p, build, *self._memo_args(build, W, dtype), unpack)
             W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, dtype)
             y = RandLoraFunction.apply(_as(x2, dtype), W, None if b is None else _as(b, dtype), self.lam, self.gam, A, Bf, call)
             return y.view(*x.shape[:-1], self.out_features)
         call = _Call(p, build, *self._memo_args(build, None, dtype))
         delta = RandLoraFunction.apply(_as(self.dropout(x2), dtype), None, None, self.lam, self.gam, A, Bf, call)
-        y = self.base(x)
+        y = base(x)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _memo_args(self, build: bool, W: torch.Tensor | None, dtype: torch.dtype) -> tuple:
@@ -874,18 +891,24 @@ def _bnb_class(module: nn.Module, *names: str) -> type | None:
     return next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes") and c.__name__ in names), None)
 
 
+def _own_call(module: nn.Module) -> bool:
+    """Whether ``module``'s own call must run: it has hooks, or a forward set on the instance (accelerate's hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "forward" in vars(module)
+
+
 def _classify(module: nn.Module) -> tuple[str, str | None]:
     """``(layout, shows)`` of a base layer, by its weight and forward (bitsandbytes' layers subclass nn.Linear). Layout:
     ``"linear"``/``"conv1d"`` (a plain weight: the base matmul runs in the function), ``"4bit"`` (bitsandbytes'
-    Linear4bit: dequantized for the build strategy) or ``"opaque"`` (its own forward runs, the adapter beside it).
+    Linear4bit: dequantized for the build strategy) or ``"opaque"`` (its own forward, and hooks, run; the adapter beside).
     ``shows``: what ``.weight`` gives a parent reading it: ``"adapted"``, ``"base"`` (packed integers) or None."""
     w, plain_fwd = getattr(module, "weight", None), isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
     hooked = parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)  # they may compute the weight
-    if not hooked and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
+    own = _own_call(module)
+    if not hooked and not own and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    c4 = _bnb_class(module, "Linear4bit")  # with its own forward: accelerate's hooks set one on the instance
-    bnb4 = c4 is not None and type(w).__name__ == "Params4bit" and "forward" not in vars(module) and type(module).forward is c4.forward
-    layout = "4bit" if bnb4 and not hooked else "opaque"
+    c4 = _bnb_class(module, "Linear4bit")
+    bnb4 = c4 is not None and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward
+    layout = "4bit" if bnb4 and not hooked and not own else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
@@ -1062,8 +1085,11 @@ def _replace(slots: dict, old: nn.Module, new: nn.Module) -> None:
 def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> None:
     """Put an adapter on the checked target ``name``; an nn.MultiheadAttention stays one, its projections adapted inside."""
     if not isinstance(module, nn.MultiheadAttention):
-        return _replace(slots, module, RandLoraLinear(module, config, name, bases=bases))
+        new = RandLoraLinear(module, config, name, bases=bases)
+        new._dropout_refusal = next((why for parent, attr in slots.get(id(module), []) if (why := _no_dropout(parent, attr, module))), "")
+        return _replace(slots, module, new)
     order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
+    why = _no_dropout(module, "out_proj", module.out_proj)  # before a parametrization renames the class
     for param in _mha_weights(module):
         a = RandLoraWeight(getattr(module, param), config, f"{name}.parametrizations.{param}.0", bases=bases, training=module.training)
         a._param_order = order
@@ -1072,6 +1098,7 @@ def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, ba
         module.parametrizations.train(module.training)
         module.parametrizations[param].register_load_state_dict_pre_hook(RandLoraWeight._state_hook)
     module.out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
+    module.out_proj._dropout_refusal = why
 
 
 # -----------------------------------------------------------------------------
@@ -1134,17 +1161,25 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
 
 def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
     """Refuse, before anything changes, to merge into a weight that is not a plain tensor or that another module shares."""
-    owners: dict[int, list[str]] = {}
+
+    def where(p: torch.Tensor) -> object:  # one weight: one Parameter, or two on one storage (a tie made through .data)
+        with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
+            if p.device.type != "meta" and p.untyped_storage().data_ptr():
+                return p.untyped_storage().data_ptr(), p.storage_offset()
+        return id(p)
+
+    owners: dict[object, list[str]] = {}
     for mname, mod in model.named_modules():
         for pname, p in mod._parameters.items():
-            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+            if p is not None:
+                owners.setdefault(where(p), []).append(f"{mname}.{pname}" if mname else pname)
     for m in layers:
-        if not m.mergeable:
+        if not m.mergeable or (isinstance(m, RandLoraLinear) and _own_call(m.base)):
             raise TypeError(f"cannot {verb}: layer {_short(m.name)} wraps a {type(m.base).__name__}, " + _UNMERGEABLE)
         p = m.base.weight if isinstance(m, RandLoraLinear) else m._slot[0].parametrizations[m._slot[1]].original
-        if len(owners.get(id(p), [])) > 1:
+        if len(owners.get(where(p), [])) > 1:
             raise ValueError(f"cannot {verb}: layer {_short(m.name)} would add its update into a weight that is shared (tied): "
-                             f"{' is also '.join(map(repr, owners[id(p)]))}. Merging would change the other module's computation; "
+                             f"{' is also '.join(map(repr, owners[where(p)]))}. Merging would change the other module's computation; "
                              "keep the adapter unmerged (it computes correctly beside the shared weight) or untie the weight first")  # fmt: skip
 
 
@@ -1219,6 +1254,8 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
     """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
     (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``; docs/MATH.md#cost-model)."""
+    if budget_bytes is not None and not (type(budget_bytes) is int and budget_bytes >= 0):
+        raise ValueError(f"budget_bytes must be a non-negative int (bytes) or None, got {_short(budget_bytes)}")
     layers, used = [m for _, m in named_adapters(model)], 0
     for m in layers:
         size = m.out_features * m.in_features * m._compute_dtype().itemsize

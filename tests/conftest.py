@@ -300,6 +300,13 @@ def bnb_linear(kind: str, in_f: int, out_f: int, seed: int) -> nn.Module:
     return q.to("cpu")  # quantizes
 
 
+def count_own_calls(monkeypatch, cls: type, calls: list) -> None:
+    """Record every call of ``cls.forward`` in ``calls``, patched on the class: a forward hook on the instance would
+    itself make an adapted base's own call run."""
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+
 class QNet(nn.Module):
     """Two quantized layers. Sizes are multiples of 64: bitsandbytes' CPU 4-bit eval kernel
     repacks the weight (in place, on the first eval forward, on avx512bf16 CPUs) into blocks of 64."""

@@ -3,6 +3,8 @@ built RandLoraLinear accepts (a config, a rank that fits) and does to its base (
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -166,6 +168,55 @@ def test_inject_needs_a_rank_or_a_config():
     with pytest.raises(TypeError, match="RandLoraConfig"):
         randlora.inject(model, ["head"], config=dict(rank=2))
     assert_unchanged(model, snap)
+
+
+# -----------------------------------------------------------------------------
+# set_config: a layer's own settings (dropout, strategy) change; what inject would refuse is refused
+
+
+@pytest.mark.parametrize("bad", [dict(rank=2, dropout=0.1), "dropout=0.1", None], ids=repr)
+def test_set_config_needs_a_config(bad):
+    model = _adapted()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"RandLoraConfig\(rank=4\)"):
+        model.head.set_config(bad)
+    assert_unchanged(model, snap)
+
+
+def test_set_config_keeps_the_shared_settings():
+    model = _adapted()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"'head'.*\(rank, alpha, seed, bases\) must stay"):
+        model.head.set_config(randlora.RandLoraConfig(rank=3))
+    assert_unchanged(model, snap)
+    model.head.set_config(randlora.RandLoraConfig(rank=2, seed=0, dropout=0.25, strategy="build"))
+    assert model.head.dropout.p == 0.25 and model.head.strategy == "build"
+
+
+@pytest.mark.parametrize("where", ["mha", "encoder"])
+def test_set_config_refuses_dropout_where_inject_does(where):
+    """A layer whose parent reads its weight (MHA's out_proj; an nn.TransformerEncoderLayer's linear1 on its fast
+    path) never sees its input: dropout there is refused by set_config as by inject, naming the layer and why."""
+
+    def build() -> tuple[nn.Module, str]:
+        if where == "mha":
+            return nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)), "0"
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        return nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), "layers.0.linear1"
+
+    fresh, target = build()
+    with pytest.raises(ValueError, match="dropout"):
+        randlora.inject(fresh, [target], rank=2, dropout=0.5)
+    model, target = build()
+    randlora.inject(model, [target], rank=2)
+    layer = model[0].out_proj if where == "mha" else model.layers[0].linear1
+    reads = r"'0\.out_proj'.*MultiheadAttention reads out_proj\.weight" if where == "mha" else r"linear1'.*TransformerEncoderLayer reads linear1\.weight"
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=reads):
+        layer.set_config(dataclasses.replace(layer.config, dropout=0.5))
+    assert_unchanged(model, snap)
+    layer.set_config(dataclasses.replace(layer.config, strategy="factorized"))  # its other settings still change
+    assert layer.strategy == "factorized"
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from conftest import (
     assert_unchanged,
     base_weight64,
     bnb_linear,
+    count_own_calls,
     fresh_tiny,
     mha_inputs,
     nonzero_uniform,
@@ -214,6 +215,14 @@ def test_wrong_input_features_in_a_model_names_the_layer():
         model(torch.randn(3, 6))
 
 
+def test_non_floating_input_refused_naming_the_layer_and_caching_nothing():
+    layer = make_layer(8, 6, 3)
+    views = dict(layer._views)
+    with pytest.raises(ValueError, match=r"'layer': input is torch\.int64 \(2, 8\); expected floating"):
+        layer(torch.ones(2, 8, dtype=torch.int64))
+    assert dict(layer._views) == views
+
+
 @pytest.mark.parametrize("where", ["layer", "model"])
 def test_zero_dim_input(where):
     model = fresh_tiny()
@@ -283,6 +292,19 @@ def test_autocast_bf16_cpu():
     assert rel_err(y, ref) < 3e-2
     y.float().sum().backward()
     assert layer.lam.grad.dtype == torch.float32 and torch.isfinite(layer.lam.grad).all()
+
+
+def test_float64_layer_under_autocast_stays_float64():
+    """Autocast leaves float64 matmuls alone, as the base layer's: the adapted layer computes in float64 too."""
+    layer = make_layer(16, 12, 3, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    ref = reference(layer, x, torch.ones(5, 12, dtype=torch.float64))[0]
+    for strategy in ("build", "factorized"):
+        layer.strategy = strategy
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.float64
+        assert_close(y, ref, 1e-12, what=f"float64 under autocast, {strategy}")
 
 
 def test_weight_property_keeps_base_dtype_under_autocast():
@@ -524,6 +546,52 @@ def test_layout_by_weight_not_class():
         sub_layer.weight
 
 
+@pytest.mark.parametrize("when", ["before inject", "after inject"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "instance forward"])
+def test_a_hooked_or_patched_base_runs_its_own_call(kind, when):
+    """Forward hooks on the base (activation capture, an output edit) and a forward patched onto the instance
+    (accelerate's hooks) run as the base's own call does, with the update beside: hook(base(x)) + s x ΔW^T, output and
+    gradients against float64; merging, which would change what a hook sees, is refused naming the reason."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(8, 6) if kind == "conv1d" else nn.Linear(6, 8)
+    seen = []
+
+    def hook_up(b: nn.Module) -> None:
+        if kind == "instance forward":
+            plain = b.forward
+            b.forward = lambda x: plain(x) * 2.0 + 1.0
+        else:
+            b.register_forward_hook(lambda mod, inp, out: seen.append(1))
+            b.register_forward_hook(lambda mod, inp, out: out * 2.0 + 1.0)
+
+    if when == "before inject":
+        hook_up(base)
+    model = randlora.inject(nn.Sequential(base), ["0"], rank=2)
+    if when == "after inject":
+        hook_up(base)
+    layer = model[0]
+    randomize_(layer, 3)
+    x = torch.randn(5, 6, dtype=torch.float64).float().requires_grad_()
+    W64 = base.weight.detach().double().t() if kind == "conv1d" else base.weight.detach().double()  # (out, in)
+    x64 = x.detach().double().requires_grad_()
+    lam64, gam64 = layer.lam.detach().double().requires_grad_(), layer.gam.detach().double().requires_grad_()
+    A, B = layer.random_bases(torch.float64)
+    delta = layer.scaling * ref_delta(A, B, lam64, gam64, 8, 6)
+    ref = (x64 @ W64.t() + layer.base.bias.detach().double()) * 2.0 + 1.0 + x64 @ delta.t()
+    dY = torch.randn(5, 8)
+    want = torch.autograd.grad(ref, (x64, lam64, gam64), dY.double())
+    y = model(x)
+    assert_close(y, ref, 1e-5, what=f"{kind} {when} forward")
+    for got, w, what in zip(torch.autograd.grad(y, (x, layer.lam, layer.gam), dY), want, ("dx", "dlam", "dgam")):
+        assert_close(got, w, 1e-5, what=f"{kind} {when} {what}")
+    assert kind == "instance forward" or len(seen) == 1  # the capture hook saw the call
+    assert layer.layout == ("opaque" if when == "before inject" else "linear" if kind != "conv1d" else "conv1d")
+    assert_refused(model, randlora.merge, TypeError, r"'0'", "hooked or replaced")
+
+
 # -----------------------------------------------------------------------------
 # Parents that read a weight: T5's feed-forward reads wo.weight.dtype
 
@@ -648,7 +716,7 @@ def test_4bit_base_builds_from_its_dequantized_weight(kind, checkpointed, monkey
     W64 = bnbf.dequantize_4bit(q.weight, q.weight.quant_state).double()
     real, calls = bnbf.dequantize_4bit, []
     monkeypatch.setattr(bnbf, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q.register_forward_hook(lambda *a: pytest.fail("the 4-bit layer's own forward ran"))
+    monkeypatch.setattr(type(q), "forward", lambda *a: pytest.fail("the 4-bit layer's own forward ran"))
     x = torch.randn(3, 5, in_f, requires_grad=True)
     dY = torch.randn(3, 5, out_f)
     A, B = bases64(layer)
@@ -686,7 +754,7 @@ def test_4bit_base_runs_its_own_forward_when_it_must(monkeypatch):
     q = bnb_linear("nf4", 64, 64, 5)
     layer = randlora.RandLoraLinear(q, Config(rank=8, alpha=16.0, strategy="build"), name="q4")
     randomize_(layer, 3)
-    hook = q.register_forward_hook(lambda *a: own.append(1))
+    count_own_calls(monkeypatch, bnb.nn.Linear4bit, own)
     layer(x)
     assert not own
     # The same layer with a bfloat16 input (compute_dtype float32): its own forward.
@@ -695,7 +763,7 @@ def test_4bit_base_runs_its_own_forward_when_it_must(monkeypatch):
     with torch.no_grad():
         want = q(x.bfloat16()).double() + x.bfloat16().double() @ ref_layer_delta(layer).t()
     assert rel_err(y, want) < 3e-2
-    hook.remove()
+    monkeypatch.undo()
     # A weight repacked for bitsandbytes' CPU kernel: its own forward (stood in for here: the real
     # repacked kernel needs an avx512bf16 CPU), never a dequantization by the adapter.
     W = bnbf.dequantize_4bit(q.weight, q.weight.quant_state).detach().clone()
@@ -714,12 +782,13 @@ def test_4bit_base_runs_its_own_forward_when_it_must(monkeypatch):
     layer = randlora.RandLoraLinear(q, Config(rank=8, alpha=16.0, strategy="build"), name="q4")
     randomize_(layer, 3)
     own.clear()
-    q.register_forward_hook(lambda *a: own.append(1))
+    count_own_calls(monkeypatch, bnb.nn.Linear4bit, own)
     y = layer(x)
     assert own and y.dtype == torch.float32
     with torch.no_grad():
         want = q(x).double() + x.double() @ ref_layer_delta(layer).t()
     assert_close(y, want, 1e-5, what="bf16-compute 4-bit base")
+    monkeypatch.undo()
     # A forward set on the instance (accelerate's hooks): opaque, that forward runs.
     q = bnb_linear("nf4", 64, 64, 5)
     own_forward = type(q).forward
@@ -776,7 +845,7 @@ def _dequantized(layer: nn.Module) -> torch.Tensor | None:
 
 @pytest.mark.parametrize("strategy", ["build", "factorized"])
 @pytest.mark.parametrize("kind", BNB_KINDS)
-def test_bnb_model_forward_is_base_plus_update(kind, strategy):
+def test_bnb_model_forward_is_base_plus_update(kind, strategy, monkeypatch):
     """y = base(x) + s·x ΔW^T in a model of two quantized layers. The 8-bit layer always runs its own
     forward (it quantizes x too); a 4-bit layer under the build strategy is dequantized instead, as
     bitsandbytes does for many tokens: then y = x (W + s·ΔW)^T + b with W its dequantized weight,
@@ -785,8 +854,8 @@ def test_bnb_model_forward_is_base_plus_update(kind, strategy):
     W_deq = {name: _dequantized(m) for name, m in before.named_children() if name in ("q1", "q2")}
     dequantizes = kind != "int8" and strategy == "build"
     own_calls = []
-    for name in ("q1", "q2"):
-        model.get_submodule(name).base.register_forward_hook(lambda *a: own_calls.append(1))
+    for cls in {type(model.get_submodule(name).base) for name in ("q1", "q2")}:
+        count_own_calls(monkeypatch, cls, own_calls)
     g = torch.Generator().manual_seed(4)
     # The whole model trains: gradients reach q1's adapter through q2's quantized base.
     model.train()

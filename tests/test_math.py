@@ -10,6 +10,7 @@ the index formulas), with the layer's bases from its public ``random_bases``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,9 @@ def test_delta_weight_matches_reference(kind, shape):
     ref = layer.scaling * ref_delta(A, B, layer.lam.detach(), layer.gam.detach(), out_f, in_f)
     assert_close(layer.delta_weight(f64), ref, 1e-13, what="delta_weight float64")
     assert_close(layer.delta_weight(), ref, 1e-6, what="delta_weight float32")
+    for bad in (torch.int32, torch.bool, "float64"):
+        with pytest.raises(TypeError, match=r"delta_weight's dtype must be a floating torch\.dtype"):
+            layer.delta_weight(bad)
 
 
 # -----------------------------------------------------------------------------
@@ -671,6 +675,15 @@ def test_hold_weights_budget_holds_layers_in_order(dtype):
         with randlora.hold_weights(model, budget_bytes=budget):
             assert [m._memo.hold for _, m in randlora.named_adapters(model)] == held, budget
         assert [m._memo.hold for _, m in randlora.named_adapters(model)] == [False, False]
+
+
+@pytest.mark.parametrize("budget", ["1GB", -1, 1.5e9, True])
+def test_hold_weights_budget_must_be_bytes(budget):
+    model = _mlp()
+    with pytest.raises(ValueError, match=rf"budget_bytes must be a non-negative int \(bytes\) or None, got {re.escape(repr(budget))}"):
+        with randlora.hold_weights(model, budget_bytes=budget):
+            pass
+    assert not any(m._memo.hold for _, m in randlora.named_adapters(model))
 
 
 # Issue 19.1, "a cache must never serve stale weights": optimizers whose step writes parameters without bumping their

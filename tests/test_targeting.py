@@ -495,6 +495,15 @@ def test_one_module_under_two_names(targets):
     check_against(model, ref, before, inp, torch.float32, RTOL32, "two names ejected", modes=((False, False),))
 
 
+class StorageShared(SharedWeight):
+    """Two Linears whose two weight Parameters share one storage (a tie made through ``.data``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l2.weight = nn.Parameter(torch.empty(0))
+        self.l2.weight.data = self.l1.weight.data
+
+
 class Aliased(nn.Module):
     """One module under two names (``a``, ``b``) and two modules sharing one weight (``c``, ``d``)."""
 
@@ -514,7 +523,8 @@ class Aliased(nn.Module):
 @pytest.mark.parametrize(
     "cls,one,two,targets",
     [(SharedWeight, "l1", "l2", ["l1"]), (SharedWeight, "l1", "l2", ["l2"]), (SharedWeight, "l1", "l2", ["l1", "l2"]),
-     (Aliased, "c", "d", ["c"]), (Aliased, "c", "d", ["d"]), (Aliased, "c", "d", ["c", "d"])],
+     (Aliased, "c", "d", ["c"]), (Aliased, "c", "d", ["d"]), (Aliased, "c", "d", ["c", "d"]),
+     (StorageShared, "l1", "l2", ["l1"]), (StorageShared, "l1", "l2", ["l2"])],
     ids=str,
 )  # fmt: skip
 def test_two_linears_sharing_a_weight(cls, one, two, targets):
@@ -530,7 +540,7 @@ def test_two_linears_sharing_a_weight(cls, one, two, targets):
     ref, _ = arch_reference(before, model)
     check_against(model, ref, before, inp, torch.float32, RTOL32, f"shared weight {targets}")
     owners = [model.get_submodule(n).base if n in targets else model.get_submodule(n) for n in (one, two)]
-    assert owners[0].weight is owners[1].weight and torch.equal(owners[0].weight, W), "the shared weight changed"
+    assert owners[0].weight.data_ptr() == owners[1].weight.data_ptr() and torch.equal(owners[0].weight, W), "the shared weight changed"
     for verb in ("merge", "eject"):
         refused(model, getattr(randlora, verb), ValueError, rf"'{one}(\.base)?\.weight'", rf"'{two}(\.base)?\.weight'", "shared", inp=inp)
 

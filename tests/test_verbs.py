@@ -718,10 +718,16 @@ def test_merge_state_partial_and_legacy_loads():
     model = make()
     ref, x = reference64(model), torch.randn(4, 6)
     randlora.merge(model)
-    # lam/gam alone (strict=False) do not touch the weight: the merge state stays as it is.
-    model.load_state_dict(randlora.adapter_state_dict(make()), strict=False)
+    # lam/gam alone (strict=False, PEFT's way) into a merged model: the merge state stays, and the weight holds the
+    # loaded update, never the old one (nothing stale); unmerge gives the base weights back.
+    other = make(values=9)
+    model.load_state_dict(randlora.adapter_state_dict(other), strict=False)
     assert all(m.merged for _, m in randlora.named_adapters(model))
+    check_outputs(model, reference64(other), x)
+    check_weights_consistent(model, params64(other))
+    model.load_state_dict(randlora.adapter_state_dict(make()), strict=False)
     randlora.unmerge(model)
+    check_weights_consistent(model, params64(model))
     check_outputs(model, ref, x)
     # A state dict without merge state (unmerged, or from randlora <= 0.2) loads strictly into a
     # merged model and leaves it unmerged with the loaded (unmerged) weights.
