@@ -1315,10 +1315,11 @@ def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], st
     """Refuse a ``state`` that lacks or adds keys, or whose tensors are not dense, of their shape and kind, finite."""
     if not isinstance(state, Mapping):
         raise TypeError(f"{source} must be a mapping (a dict of name -> tensor), got {type(state).__name__}")
-    expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point()) for n, m in saved.items() for k, v in m.state_dict().items()}
+    # (shape, the floating dtype a value is loaded into, or False): finite is checked in that dtype
+    expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point() and v.dtype) for n, m in saved.items() for k, v in m.state_dict().items()}
     for name, (out_f, in_f, c) in layers.items():
         nb = _num_bases(min(out_f, in_f), c.rank)
-        expected |= {f"{name}.lam": ((c.rank, nb), "f32"), f"{name}.gam": ((nb, min(out_f, in_f)), "f32")}
+        expected |= {f"{name}.lam": ((c.rank, nb), torch.float32), f"{name}.gam": ((nb, min(out_f, in_f)), torch.float32)}
     missing, unexpected = sorted(k for k in expected if k not in state), [k for k in state if k not in expected]
     if missing or unexpected:
         raise ValueError(f"{source} does not fit the model: missing keys {_short_list(missing)}; unexpected keys {_short_list(unexpected)}")
@@ -1329,8 +1330,8 @@ def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], st
             raise ValueError(f"{what} must be a dense tensor with values, got {got}")
         if tuple(t.shape) != shape or t.is_floating_point() != bool(floating):
             raise ValueError(f"{what} is {t.dtype} {tuple(t.shape)}; expected {'a floating-point ' if floating else ''}{shape}")
-        if floating and not torch.isfinite(t.float() if floating == "f32" else t).all():
-            raise ValueError(f"{what} contains NaN or Inf values{' (in float32)' if floating == 'f32' else ''}")
+        if floating and not torch.isfinite(t.to(floating)).all():
+            raise ValueError(f"{what} contains NaN or Inf values{'' if t.dtype == floating else f' (in {floating}, the dtype it loads into)'}")
 
 
 def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping[str, tuple], saved_names: list[str],
@@ -1487,6 +1488,8 @@ def _open_safetensors(path: str):
     """A safetensors file opened with safetensors' own reader; only regular files (a FIFO would block it)."""
     if _stat(path, stat.S_ISREG, "refusing to read anything but a regular file") is None:
         raise FileNotFoundError(f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path} is not readable: permission denied")
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             yield f
@@ -1521,7 +1524,10 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
         if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
-    os.mkdir(tmp := os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp"))
+    try:
+        os.mkdir(tmp := os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp"))
+    except OSError as e:  # name the target, not the temporary folder
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror} in its folder", parent or ".") from None
     new = tmp if folder else os.path.join(tmp, name)
     try:
         write(new)
@@ -1600,6 +1606,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             what = f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}" if meta.get("format") == FORMAT_NAME else ""
             raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter (metadata format={_short(meta.get('format'))})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    odd = next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)
+    if odd is not None:
+        raise ValueError(f"{path}: tensor {_short(odd)} is {tensors[odd].dtype}, which no randlora file holds")
     if version >= "3" and "checksum" not in meta:
         raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
     if "checksum" in meta and meta["checksum"] != _checksum(meta, list(tensors.items())):
@@ -1629,7 +1638,8 @@ def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[R
         if not (isinstance(e, list) and len(e) == size and all(type(v) is int and v > 0 for v in e[:2])):
             raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, expected [out, in{', dropout, strategy' if size == 4 else ''}]")
         try:  # a strategy recorded as "merged" (build's name before 0.2) loads as build
-            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy={"merged": "build"}.get(e[3], e[3]))))
+            strategy = {"merged": "build"}.get(e[-1], e[-1]) if isinstance(e[-1], str) else e[-1]
+            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy=strategy)))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: layer {_short(name)}: {err}") from None
         layers[name] = (e[0], e[1], config)
@@ -1650,9 +1660,15 @@ def trainer_class(base: type | None = None) -> type:
     class RandLoraTrainer(base or transformers.Trainer):
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
+            created = self.args.should_save and not os.path.isdir(output_dir)
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
-            _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards are gathered
+            try:
+                _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards are gathered
+            except BaseException:
+                if created:  # no incomplete checkpoint folder for resume_from_checkpoint=True to pick
+                    shutil.rmtree(output_dir, ignore_errors=True)
+                raise
             if self.args.should_save and getattr(self, "processing_class", None) is not None:
                 self.processing_class.save_pretrained(output_dir)
 
@@ -1668,7 +1684,12 @@ def trainer_callback():
             folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if args.should_save and not os.path.isdir(folder):
                 raise FileNotFoundError(f"randlora.trainer_callback: the Trainer wrote no checkpoint folder {folder}")
-            _adapter_checkpoint(model, folder, args.should_save)
+            try:
+                _adapter_checkpoint(model, folder, args.should_save)
+            except (TypeError, ValueError) as e:  # refused before anything is written: the Trainer's whole-model files stay
+                if args.should_save:
+                    os.rename(folder, folder + ".refused")  # resume_from_checkpoint=True then picks the last good one
+                raise type(e)(f"{e}; the Trainer's checkpoint is kept as {folder}.refused") from None
             return control
 
     return RandLoraCheckpoints()
@@ -1680,11 +1701,11 @@ def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:
     keep = {n for n, p in model.named_parameters() if p.requires_grad}
     keep |= {f"{n}.trained.{k}" for n, s in _saved_modules(model).items() for k in s.trained.state_dict()}
     items = [(k, _gather(t)) for k, t in model.state_dict().items() if k in keep]
-    if writer:
-        for name in os.listdir(folder):
-            if _TRAINER_MODEL_FILES.fullmatch(name):
-                os.remove(os.path.join(folder, name))
+    if writer:  # the adapter-only model.safetensors replaces the whole model's, then its other files go
         _atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: _serialize(items, {"format": "pt"}, tmp))
+        for name in os.listdir(folder):
+            if _TRAINER_MODEL_FILES.fullmatch(name) and name != "model.safetensors":
+                os.remove(os.path.join(folder, name))
 
 
 # -----------------------------------------------------------------------------
@@ -1777,13 +1798,14 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
     t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
     selects = (lambda n: re.fullmatch(t, n)) if isinstance(t, str) else (lambda n: any(_name_matches(n, e) for e in t))
-    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n)}
-    if not found or None in found.values():
-        what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
-        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
     saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
     if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
         raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module of {type(model).__name__}")
+    inside = tuple(saved) + tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
+    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not n.startswith(inside)}
+    if not found or None in found.values():
+        what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
+        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
     D, d = max(max(f) for f in found.values()), min(max(o for _, o in found.values()), max(i for i, _ in found.values()))
     with _open_safetensors(weights) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
@@ -1920,6 +1942,8 @@ def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bo
     layers, saved = _peft_layers(model, "LoRA")
     items, errors = [], {}
     for name, m in layers.items():
+        if not (torch.isfinite(m.lam).all() and torch.isfinite(m.gam).all()):
+            raise ValueError(f"layer {_short(name)} has NaN or Inf in lam/gam (a diverged step?); nothing written")
         U, S, Vh = torch.linalg.svd(m.delta_weight(torch.float64), full_matrices=False)
         k, total = min(rank, S.numel()), S.square().sum()
         errors[name] = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0

@@ -711,13 +711,36 @@ def test_load_non_finite(good, value, into):
     refused_load(fresh_tiny() if into == "plain" else adapted(), bad, "NaN or Inf")
 
 
-@pytest.mark.parametrize("change", ["shape", "int_dtype"])
+@pytest.mark.parametrize("change", ["shape", "int_dtype", "float8"])
 def test_load_bad_tensor(good, change):
     t = load_file(str(good))
-    t["head.lam"] = torch.zeros(2, 4) if change == "shape" else torch.zeros(2, 3, dtype=torch.int32)
-    bad = edited(good, tensors=t)
+    bad = {"shape": torch.zeros(2, 4), "int_dtype": torch.zeros(2, 3, dtype=torch.int32)}
+    t["head.lam"] = bad.get(change, torch.zeros(2, 3, dtype=torch.float8_e4m3fn))
+    bad = edited(good, tensors=t, sign=change != "float8")  # the checksum has no code for a float8 tensor
     refused_load(fresh_tiny(), bad, "head.lam")
     refused_load(adapted(), bad, "head.lam")
+
+
+@pytest.mark.parametrize("via", ["file", "state_dict"])
+def test_module_to_save_that_overflows_the_model_dtype_is_refused(tmp_path, via):
+    """A module to save trained in float32 past float16's range would load as Inf into a half model: refused, naming
+    the key and the dtype, the model unchanged."""
+    model = fresh_tiny()
+    randlora.inject(model, ["embed", "block.0"], rank=2, seed=1, modules_to_save=["head"])
+    with torch.no_grad():
+        model.head.trained.weight[0, 0] = 1e5
+    path = tmp_path / "f" / "a.safetensors"
+    path.parent.mkdir()
+    randlora.save_adapter(model, path)
+    half = fresh_tiny().half()
+    if via == "file":
+        e = refused_load(half, path, r"'head\.weight' contains NaN or Inf values \(in torch\.float16, the dtype it loads")
+    else:
+        randlora.inject(half, ["embed", "block.0"], rank=2, seed=1, modules_to_save=["head"])
+        state = randlora.adapter_state_dict(model)
+        e = refused(half, randlora.load_adapter_state_dict, half, state, match=r"'head\.weight'.*in torch\.float16")
+    assert len(str(e)) < BOUND
+    randlora.load_adapter(fresh_tiny().double(), path)  # float64 holds it
 
 
 @settings(max_examples=12)
@@ -771,6 +794,7 @@ def test_load_non_randlora_safetensors(tmp_path):
         (dict(bases="gaussian"), "bases"),
         (dict(layers='{"embed": [8, 6, 1.5, "auto"], "head": [5, 8, 0.0, "auto"]}'), "dropout"),
         (dict(layers='{"embed": [8, 6, 0.0, "fast"], "head": [5, 8, 0.0, "auto"]}'), "strategy"),
+        (dict(layers='{"embed": [8, 6, 0.0, ["auto"]], "head": [5, 8, 0.0, "auto"]}'), r"strategy must be one of .*\['auto'\]"),
         (dict(layers="not json"), "metadata field 'layers'"),
         (dict(layers="[1, 2]"), "metadata 'layers'"),
         (dict(layers="[" * 100_000), "metadata field 'layers'"),  # nested too deep for json: still a ValueError
@@ -1189,6 +1213,26 @@ def test_save_refuses_non_regular_targets(tmp_path):
     refused(model, randlora.save_adapter, model, "/dev/null", match="/dev/null is a character device, not a regular file")
     assert os.stat("/dev/null").st_rdev == before.st_rdev and stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert sorted(os.listdir(tmp_path)) == ["d", "link_to_dir", "p"] and os.listdir(tmp_path / "d") == []
+
+
+def test_permission_errors_name_the_file(tmp_path, good, monkeypatch):
+    """An unreadable file and an unwritable folder give a PermissionError naming the user's path (not a temporary
+    name); nothing changes. Faked through os (these tests may run as root, whom chmod does not stop)."""
+    model = adapted(values=9)
+    real_access, real_mkdir = os.access, os.mkdir
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(good) else real_access(p, mode, **kw))
+    e = refused(model, randlora.load_adapter, model, good, exc=PermissionError, fs_root=good.parent)
+    assert str(good) in str(e) and "permission denied" in str(e), str(e)
+
+    def mkdir(p, *a, **kw):
+        if ".randlora-" in str(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_mkdir(p, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    target = tmp_path / "out.safetensors"
+    e = refused(model, randlora.save_adapter, model, target, exc=PermissionError, fs_root=tmp_path)
+    assert f"cannot write {target}" in str(e) and ".randlora-" not in str(e), str(e)
 
 
 def test_next_save_removes_stale_temps_of_its_target_only(tmp_path):

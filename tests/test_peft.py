@@ -104,6 +104,14 @@ def _bert() -> nn.Module:
     return transformers.BertForSequenceClassification(cfg)
 
 
+def _roberta() -> nn.Module:
+    cfg = transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+        max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.RobertaForSequenceClassification(cfg)  # its classifier holds dense and out_proj
+
+
 class MHANet(nn.Module):
     """An nn.MultiheadAttention (which reads its projections' weights) and a plain linear."""
 
@@ -116,7 +124,7 @@ class MHANet(nn.Module):
         return self.fc(self.attn(x, x, x, need_weights=False)[0])
 
 
-_BUILDERS = {"mlp": MLP, "llama": _llama, "gpt2": _gpt2, "bert": _bert, "mha": MHANet}
+_BUILDERS = {"mlp": MLP, "llama": _llama, "gpt2": _gpt2, "bert": _bert, "mha": MHANet, "roberta": _roberta}
 _BASES: dict[str, nn.Module] = {}
 
 
@@ -242,6 +250,29 @@ def test_from_peft_matches_peft(case, tmp_path):
         randlora.eject(ours)
         assert not any(True for _ in randlora.named_adapters(ours))
         assert_close(run(ours, x), ref, 1e-4)
+
+
+def test_from_peft_skips_targets_inside_modules_to_save(tmp_path):
+    """PEFT adapts no module that is, or is inside, a module to save (nor counts it in the bases' size): RoBERTa's
+    classifier.dense matches the target "dense" but trains in full inside the saved classifier. Same outputs as PEFT."""
+    config = RandLoraConfig(r=8, randlora_alpha=16.0, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
+    pm = get_peft_model(base_model("roberta"), config)
+    randomize_peft(pm, 3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)  # the trained head differs from the base's
+    pm.save_pretrained(str(tmp_path / "a"))
+    x = batch("roberta")
+    with torch.no_grad():
+        ref = run(peft_load("roberta", tmp_path / "a"), x)
+        ours = randlora.from_peft(base_model("roberta"), tmp_path / "a").eval()
+        got = run(ours, x)
+    names = [n for n, _ in randlora.named_adapters(ours)]
+    assert not [n for n in names if n.startswith("classifier")] and any(n.endswith("attention.output.dense") for n in names)
+    assert isinstance(ours.classifier, randlora.SavedModule)
+    assert rel(ref, run(base_model("roberta"), x)) > MIN_EFFECT
+    assert_close(got, ref)
 
 
 def test_from_peft_regenerated_bases_equal_peft_buffers(tmp_path):
@@ -746,6 +777,12 @@ def test_to_lora_refusals_leave_files_alone(tmp_path):
     for rank in (0, -1, "4", 4.0, True, None):
         with pytest.raises(ValueError, match="rank must be a positive int, got " + repr(rank).replace(".", "\\.")):
             randlora.to_lora(lora_model("mlp"), existing, rank=rank)
+    diverged = lora_model("mlp")
+    with torch.no_grad():
+        dict(randlora.named_adapters(diverged))["b"].gam[0, 1] = float("nan")
+    for target in (existing, tmp_path / "new"):
+        with pytest.raises(ValueError, match="layer 'b' has NaN or Inf in lam/gam"):
+            randlora.to_lora(diverged, target, rank=2)
     assert_fs_unchanged(tmp_path, before)
 
 

@@ -221,3 +221,59 @@ def test_save_on_each_node_writes_adapter_checkpoints_on_node_1(how, tmp_path, m
         other.train()
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "not_saving") for f in fs]
     assert not [f for f in files if f.endswith((randlora.TRAINER_ADAPTER_NAME, "model.safetensors"))], files
+
+
+class Diverge(transformers.TrainerCallback):
+    """Puts a NaN into one lam at the end of step ``at`` (a diverged step), before that step's save."""
+
+    def __init__(self, model, at: int) -> None:
+        self.model, self.at = model, at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                next(m for _, m in randlora.named_adapters(self.model)).lam[0, 0] = float("nan")
+        return control
+
+
+@pytest.mark.parametrize("how", ["class", "callback"])
+def test_a_diverged_save_leaves_the_last_good_checkpoint_for_resume(how, tmp_path):
+    """A NaN at a save step is refused, and nothing is left that resume_from_checkpoint=True would pick instead of
+    the last good checkpoint: trainer_class leaves no folder; the callback keeps the Trainer's as checkpoint-N.refused.
+    Resuming from there gives the uninterrupted run's values at that step."""
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path, "llama", how, max_steps=3)
+    trainer.add_callback(Diverge(model, 2))
+    with pytest.raises(ValueError, match=r"lam' has NaN or Inf values"):
+        trainer.train()
+    assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    names = sorted(os.listdir(tmp_path))
+    assert names == (["checkpoint-1"] if how == "class" else ["checkpoint-1", "checkpoint-2.refused"]), names
+    good = tmp_path / "checkpoint-1"
+    check_adapter_only(good, model)
+    reference = adapted("llama")
+    make_trainer(reference, tmp_path / "ref", "llama", how, max_steps=1).train()
+    resumed = randlora.load_adapter(base_model("llama"), good / randlora.TRAINER_ADAPTER_NAME)
+    for k, v in adapter_values(resumed).items():
+        assert torch.equal(v, adapter_values(reference)[k]), k
+
+
+def test_a_failed_adapter_write_keeps_the_trainers_whole_model_checkpoint(tmp_path, monkeypatch):
+    """Callback mode: when writing the adapter-only file fails (disk full), the Trainer's own model file is still in
+    the checkpoint folder: it is replaced only after the adapter file is complete, never removed first."""
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path, "llama", "callback", max_steps=1)
+    real = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if str(dst).endswith("checkpoint-1/model.safetensors") and ".randlora-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    state = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    whole = {k for k in model.state_dict() if ".base." in k or "embed_tokens" in k}
+    assert whole and whole <= set(state), sorted(state)[:5]
+    assert not [n for n in os.listdir(tmp_path / "checkpoint-1") if ".randlora-" in n]
