@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
-from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __version__ = "0.3.0"
@@ -160,6 +159,11 @@ class _Bases:
 
     def __deepcopy__(self, memo: dict) -> "_Bases":
         return self
+
+    def __reduce__(self):  # unpickled (torch.load of a whole model), seeded bases are the shared object again
+        if self.stored is None:
+            return _Bases.seeded, (RandLoraConfig(self.rank, seed=self.seed, bases=self.kind),)
+        return _Bases, (self.rank, self.seed, self.kind, self.stored, self.peft)
 
     def scale(self, width: int) -> float | None:
         """The int8 bases' scale ``sqrt(s)`` for a layer of ``width`` (unit variance; float32), None for float bases."""
@@ -403,10 +407,14 @@ class RandLoraFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dY):
         x, W, lam, gam, A, Bf = ctx.saved_tensors
         c, (need_x, need_W, need_b, need_lam, need_gam) = ctx.call, ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): gradients that differentiate again
+            base = c.unpack() if c.unpack is not None else W
+            Wp = _delta_again(lam, gam, A, Bf, c.plan, x.dtype) + (0 if base is None else base)
+            dX, dW, dlam, dgam = _grads_again(F.linear(x, Wp), (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
+            return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
         p, dtype, need_S = c.plan, x.dtype, need_lam or need_gam
         Wp = c.memo.get(c.key, take=True) if c.memo is not None else None
         dY = _as(dY, dtype)
@@ -433,6 +441,20 @@ class RandLoraFunction(torch.autograd.Function):
         dW = (G if G is not None else dY.t() @ x) if need_W else None
         dlam, dgam = _scale_grads(dS, lam, gam, A_, p.scaling) if dS is not None else (None, None)
         return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
+
+
+def _delta_again(lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """``s ΔW`` ``(out, in)`` in autograd's own ops (as :func:`_small_basis` rounds), for gradients that differentiate again."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
+    S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
+    return (Bf_ @ S if p.out_ge_in else S.t() @ Bf_.t()) * p.scaling
+
+
+def _grads_again(y: torch.Tensor, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
+    """The gradients of ``y`` (weighted by ``dy``) with respect to the needed ``inputs``, as a graph (None for the rest)."""
+    got = iter(torch.autograd.grad(y, [t for t, n in zip(inputs, needs) if n], _as(dy, y.dtype), create_graph=True, allow_unused=True))
+    return [next(got) if n else None for n in needs]
 
 
 def _factorized_grads(x, W, dY, S, Bf, s: float, out_ge_in: bool, need_x: bool, need_S: bool):
@@ -465,10 +487,12 @@ class AdaptedWeight(torch.autograd.Function):
         return _adapted_weight(W, _small_basis(lam, gam, A_, W.dtype), Bf_, plan.scaling, plan.out_ge_in)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dWp):
         lam, gam, A, Bf = ctx.saved_tensors
         p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
+            dlam, dgam = _grads_again(_delta_again(lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
+            return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
             dlam, dgam = _scale_grads(Bf_.t() @ (dWp if p.out_ge_in else dWp.t()), lam, gam, A_, p.scaling)
@@ -488,6 +512,14 @@ class _Views(dict):
         return self
 
 
+def _getstate(self: nn.Module) -> dict:
+    """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
+    if self.__dict__.get("disabled"):
+        raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy would stay "
+                           "disabled; copy the model outside the context")  # fmt: skip
+    return nn.Module.__getstate__(self)
+
+
 def _check_config(config: object) -> None:
     """Refuse anything but a RandLoraConfig, naming the spelling that works."""
     if not isinstance(config, RandLoraConfig):
@@ -499,6 +531,7 @@ class RandLoraAdapter(nn.Module):
 
     mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
     _dropout_refusal = ""  # why no dropout can apply here (its parent reads the weight): set by _adapt
+    __getstate__ = _getstate
 
     def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
         super().__init__()
@@ -747,7 +780,9 @@ class RandLoraLinear(RandLoraAdapter):
         x2 = x.reshape(-1, self.in_features)
         build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
         unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
-        fused = (self.mergeable or unpack is not None) and not drop and not _own_call(base)  # hooks set after inject run
+        # the base's own call where hooks were set after inject, or for x not in W's dtype without autocast (it raises)
+        ok = self.mergeable and (dtype != x.dtype or x.dtype == base.weight.dtype) or unpack is not None
+        fused = ok and not drop and not _own_call(base)
         if fused:  # the base matmul runs inside the function
             W, b = base.weight, base.bias
             call = _Call(p, build, *self._memo_args(build, W, dtype), unpack)
@@ -830,6 +865,8 @@ class RandLoraWeight(RandLoraAdapter):
 class SavedModule(nn.Module):
     """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`), ``trained``
     a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module in use."""
+
+    __getstate__ = _getstate
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         super().__init__()

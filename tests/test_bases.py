@@ -7,6 +7,8 @@ import ctypes
 import gc
 import hashlib
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -395,3 +397,27 @@ def test_sparse_layer_bit_identical_to_explicit_dense_bases(kind, shape):
     W = base.weight.detach().double()
     ref = x.double() @ (W + ref_layer_delta(layer)).t() + base.bias.detach().double()
     torch.testing.assert_close(outs["build"].double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_a_pickled_model_shares_the_bases_again():
+    """A whole model through torch.save/torch.load: its seeded bases are the one shared object again (a later inject on
+    it shares them, so to_peft sees one adapter)."""
+    import io
+    import tempfile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    randlora.inject(model, ["0"], rank=2, seed=0)
+    randomize_model_(model, 1)
+    x = torch.randn(3, 256)
+    y = model(x)
+    assert _copies(model[0]._bases)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), y)
+    randlora.inject(loaded, ["2"], rank=2, seed=0)
+    assert loaded[0]._bases is loaded[2]._bases is model[0]._bases
+    with tempfile.TemporaryDirectory() as d:
+        randlora.to_peft(loaded, os.path.join(d, "p"))

@@ -1058,3 +1058,26 @@ def test_assigning_the_weight_of_a_merged_layer_is_refused():
     m[0].weight = emb  # unmerged: the base's weight, as tie_weights() wants
     assert m[0].base.weight is emb
 
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_input_dtype_unlike_the_weight_raises_as_the_base_does(kind):
+    """Without autocast, half input into a float32 layer raises as the base does (it used to compute in half silently);
+    under autocast the layer follows autocast's dtype."""
+    import transformers
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6) if kind == "linear" else transformers.pytorch_utils.Conv1D(6, 8)
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError) as plain:
+        base(x.half())
+    layer = randlora.inject(nn.Sequential(base), ["0"], rank=2)[0]
+    randomize_(layer, 3)
+    for train, strategy in ((True, "build"), (False, "factorized"), (False, "build")):
+        layer.train(train)
+        layer.strategy = strategy
+        with pytest.raises(RuntimeError) as ours:
+            layer(x.half())
+        assert type(ours.value) is type(plain.value)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert layer(x.half()).dtype == torch.bfloat16

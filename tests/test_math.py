@@ -9,6 +9,7 @@ the index formulas), with the layer's bases from its public ``random_bases``.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -260,6 +261,50 @@ def test_gradcheck(monkeypatch, shape, strategy, mode):
     else:
         inputs, fn = (x, lam, gam), lambda x, lam, gam: call64(layer, x, lam, gam)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["build", "factorized", "auto"])
+@pytest.mark.parametrize("shape", GRAD_SHAPES[:3], ids=str)
+@pytest.mark.parametrize("mode", ["W_grad", "adapter_only", "sparse"])
+def test_gradgradcheck(shape, strategy, mode):
+    """Gradients that differentiate again (create_graph=True: gradient penalties, Hessian-vector products): second
+    derivatives in x, W, b, lam and gam against finite differences, float64."""
+    in_f, out_f, rank = shape
+    layer = layer64(in_f, out_f, rank, kind="sparse" if mode == "sparse" else "dense", strategy=strategy,
+                    opaque=mode == "adapter_only")  # fmt: skip
+    lam, gam = params64(layer)
+    x = torch.randn(3, in_f, dtype=f64, requires_grad=True)
+    if mode == "W_grad":
+        W = layer.base.weight.detach().clone().requires_grad_()
+        b = layer.base.bias.detach().clone().requires_grad_()
+        inputs, fn = (x, W, b, lam, gam), lambda x, W, b, lam, gam: call64(layer, x, lam, gam, W, b)
+    else:
+        inputs, fn = (x, lam, gam), lambda x, lam, gam: call64(layer, x, lam, gam)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["build", "factorized"])
+def test_gradient_penalty_against_float64(strategy):
+    """A gradient penalty ||d out / d x||^2 through LayerNorm -> adapted layer -> frozen head (R1, WGAN-GP): lam/gam get
+    the float64 reference's gradients. (Before, the penalty's lam/gam gradient was silently None.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 12), nn.Linear(12, 1))
+    before = copy.deepcopy(model).double()
+    randlora.inject(model, ["1"], rank=4, strategy=strategy)
+    randomize_(model[1], 3)
+    x = torch.randn(4, 16, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    lam, gam = (t.detach().double().requires_grad_() for t in (model[1].lam, model[1].gam))
+    A, B = model[1].random_bases(f64)
+    W = before[1].weight + model[1].scaling * ref_delta(A, B, lam, gam, 12, 16)
+    x64 = x.detach().double().requires_grad_()
+    out = before[2](before[0](x64) @ W.t() + before[1].bias).sum()
+    (gx64,) = torch.autograd.grad(out, x64, create_graph=True)
+    dlam, dgam = torch.autograd.grad(gx64.pow(2).sum(), (lam, gam))
+    assert_close(gx.detach().double(), gx64.detach(), 1e-5, what="d out / dx")
+    assert_close(model[1].lam.grad.double(), dlam, 1e-4, what="lam")
+    assert_close(model[1].gam.grad.double(), dgam, 1e-4, what="gam")
 
 
 @pytest.mark.parametrize("strategy", ["build", "factorized"])

@@ -864,6 +864,23 @@ def test_mha_block_gradcheck():
     assert torch.autograd.gradcheck(f, (x, *[params[n] for n in names]), fast_mode=True)
 
 
+def test_mha_gradgradcheck():
+    """Second derivatives through weights a parent reads (the MHA's in-projection and out_proj), float64, in x and every
+    lam/gam. need_weights=True: the math path (torch's CPU flash attention is differentiable once only)."""
+    torch.manual_seed(0)
+    holder = randlora.inject(MhaHolder(e=8), ["attn"], rank=2).double()
+    randomize_model_(holder, 1)
+    names = [n for n, p in holder.named_parameters() if p.requires_grad]
+    assert len(names) == 4, names
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *vals):
+        return torch.func.functional_call(holder.attn, dict(zip((n[5:] for n in names), vals)), (x, x, x))[0]
+
+    vals = [p.detach().double().requires_grad_() for n, p in holder.named_parameters() if n in names]
+    assert torch.autograd.gradgradcheck(f, (x, *vals), fast_mode=True)
+
+
 # =============================================================================
 # Modes, dtypes and the meta device on real architectures
 

@@ -933,3 +933,32 @@ def test_runtime_smoke_without_numpy():
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "runtime smoke ok" in done.stdout and "no numpy" in done.stdout
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_copy_or_pickle_inside_disable_is_refused(merged):
+    """A copy taken inside disable() would stay disabled for ever (only the original's context enables it again): refused,
+    naming the layer, for adapters and modules to save; outside the context a copy computes as the model."""
+    import io
+
+    model = fresh_tiny()
+    randlora.inject(model, TARGETS, rank=2, seed=0, modules_to_save=["block.2"])
+    randomize_model_(model, 1)
+    model.eval()
+    if merged:
+        randlora.merge(model)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        y = model(x)
+    with randlora.disable(model):
+        before = snapshot(model)
+        for copy_it in (copy.deepcopy, lambda m: torch.save(m, io.BytesIO())):
+            with pytest.raises(RuntimeError, match=r"cannot copy or pickle '(embed|block\.2)' inside randlora\.disable"):
+                copy_it(model)
+            assert_unchanged(model, before)
+        with pytest.raises(RuntimeError, match=r"'block\.2' inside"):
+            copy.deepcopy(model.block[2])
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(x), y) and torch.equal(model(x), y)
+    assert all(m.merged == merged and not m.disabled for _, m in randlora.named_adapters(twin))
