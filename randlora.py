@@ -215,6 +215,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _update_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an update is computed in: float32 for float16, whose range rounds ``S``'s small entries to subnormals."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _materialize(t: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
     """Bases in ``dtype``: float ones as they are, int8 ones times their scale (a temporary)."""
     return _as(t, dtype) if scale is None else t.to(dtype).mul_(scale)
@@ -480,11 +485,12 @@ class AdaptedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
         ctx.save_for_backward(lam, gam, A, Bf)
-        ctx.plan, ctx.dtype = plan, W.dtype
+        ctx.plan, ctx.dtype = plan, _update_dtype(W.dtype)
         if kept is not None:
             return kept.clone()
-        A_, Bf_ = _materialize(A, W.dtype, plan.scale), _materialize(Bf, W.dtype, plan.scale)
-        return _adapted_weight(W, _small_basis(lam, gam, A_, W.dtype), Bf_, plan.scaling, plan.out_ge_in)
+        dt = ctx.dtype  # float16: W' = W + s ΔW in float32, rounded once
+        A_, Bf_ = _materialize(A, dt, plan.scale), _materialize(Bf, dt, plan.scale)
+        return _as(_adapted_weight(_as(W, dt), _small_basis(lam, gam, A_, dt), Bf_, plan.scaling, plan.out_ge_in), W.dtype)
 
     @staticmethod
     def backward(ctx, dWp):
@@ -591,7 +597,7 @@ class RandLoraAdapter(nn.Module):
         self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d), _build_from(*shape, c.strategy),
                            c.strategy == "auto", shape, torch.amp.is_autocast_available(device.type), device.type)  # fmt: skip
         self._views, self._memo.entry = _Views(), None
-        self._bases_in(self._compute_dtype())
+        self._bases_in(_update_dtype(self._compute_dtype()))
 
     def _bases_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``A`` ``(r, d)`` and ``Bf`` ``(D, n*r)`` for compute ``dtype`` (int8 for sparse kinds)."""
@@ -631,7 +637,7 @@ class RandLoraAdapter(nn.Module):
 
     def adapted(self, W: torch.Tensor) -> torch.Tensor:
         """``W + scaling * ΔW`` in ``W``'s dtype (autocast or not), differentiable in ``W``, lam and gam."""
-        p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(W.dtype), self._plan)
+        p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(_update_dtype(W.dtype)), self._plan)
         with torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type) else contextlib.nullcontext():
             if not self._memo.hold or torch.compiler.is_compiling():
                 return AdaptedWeight.apply(*args)
@@ -776,21 +782,23 @@ class RandLoraLinear(RandLoraAdapter):
         p, dtype, base = self._plan, x.dtype, self.base
         if p.amp and dtype != torch.float64 and torch.is_autocast_enabled(p.device_type):  # autocast leaves float64 be
             dtype = torch.get_autocast_dtype(p.device_type)
-        A, Bf = self._bases_in(dtype)
+        adt = _update_dtype(dtype)  # float16: the update in float32, beside the base's own call (as PEFT computes it)
+        A, Bf = self._bases_in(adt)
         x2 = x.reshape(-1, self.in_features)
         build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
         unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
         # the base's own call where hooks were set after inject, or for x not in W's dtype without autocast (it raises)
         ok = self.mergeable and (dtype != x.dtype or x.dtype == base.weight.dtype) or unpack is not None
-        fused = ok and not drop and not _own_call(base)
+        fused = ok and adt == dtype and not drop and not _own_call(base)
         if fused:  # the base matmul runs inside the function
             W, b = base.weight, base.bias
             call = _Call(p, build, *self._memo_args(build, W, dtype), unpack)
             W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, dtype)
             y = RandLoraFunction.apply(_as(x2, dtype), W, None if b is None else _as(b, dtype), self.lam, self.gam, A, Bf, call)
             return y.view(*x.shape[:-1], self.out_features)
-        call = _Call(p, build, *self._memo_args(build, None, dtype))
-        delta = RandLoraFunction.apply(_as(self.dropout(x2), dtype), None, None, self.lam, self.gam, A, Bf, call)
+        call = _Call(p, build, *self._memo_args(build, None, adt))
+        with torch.autocast(p.device_type, enabled=False) if adt != dtype and p.amp else contextlib.nullcontext():
+            delta = RandLoraFunction.apply(_as(self.dropout(x2), adt), None, None, self.lam, self.gam, A, Bf, call)
         y = base(x)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 
@@ -1295,7 +1303,7 @@ def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[
         raise ValueError(f"budget_bytes must be a non-negative int (bytes) or None, got {_short(budget_bytes)}")
     layers, used = [m for _, m in named_adapters(model)], 0
     for m in layers:
-        size = m.out_features * m.in_features * m._compute_dtype().itemsize
+        size = m.out_features * m.in_features * _update_dtype(m._compute_dtype()).itemsize
         if budget_bytes is None or used + size <= budget_bytes:
             m._memo.hold, used = True, used + size
     hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])

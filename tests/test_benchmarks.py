@@ -55,3 +55,16 @@ def test_flops_on_meta_count_what_a_real_step_computes(monkeypatch):
             cpu = flops.step_macs(spec, info, m, device="cpu")[1]
             assert [counts[m][1].get(op) for op in ("aten.mm", "aten.addmm")] == [cpu.get(op) for op in ("aten.mm", "aten.addmm")]
         assert counts["frozen"][0] < counts["lora"][0] < counts["ours"][0], (name, counts)
+
+
+def test_fp16_precision_compares_the_same_update(tmp_path):
+    """fp16_precision.py: in float16 ours is as precise as PEFT (the update in float32); both references agree (the
+    script asserts it); every row has both methods."""
+    out = tmp_path / "p.json"
+    _run(tmp_path, "benchmarks/fp16_precision.py", "--width", "64", "--rank", "4", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"float16", "bfloat16"} and len(rows) == 8
+    for r in rows:
+        assert 0 < r["peft"]["update"] < 1e-2 and 0 < r["ours"]["update"] < 1e-2, r
+        if r["dtype"] == "float16":
+            assert r["ours"]["update"] < 2 * r["peft"]["update"] and r["ours"]["dlam"] < 1e-5, r
