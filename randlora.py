@@ -415,13 +415,13 @@ class RandLoraFunction(torch.autograd.Function):
     def backward(ctx, dY):
         x, W, lam, gam, A, Bf = ctx.saved_tensors
         c, (need_x, need_W, need_b, need_lam, need_gam) = ctx.call, ctx.needs_input_grad[:5]
+        Wp = c.memo.get(c.key, take=True) if c.memo is not None else None
         if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): gradients that differentiate again
-            base = c.unpack() if c.unpack is not None else W
-            Wp = _delta_again(lam, gam, A, Bf, c.plan, x.dtype) + (0 if base is None else base)
-            dX, dW, dlam, dgam = _grads_again(F.linear(x, Wp), (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
+            W = c.unpack() if c.unpack is not None else W
+            y = lambda x, W, lam, gam: F.linear(x, _delta_again(lam, gam, A, Bf, c.plan, x.dtype) + (0 if W is None else W))
+            dX, dW, dlam, dgam = _grads_again(y, (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
             return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
         p, dtype, need_S = c.plan, x.dtype, need_lam or need_gam
-        Wp = c.memo.get(c.key, take=True) if c.memo is not None else None
         dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
         if p.free:
@@ -456,9 +456,12 @@ def _delta_again(lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
     return (Bf_ @ S if p.out_ge_in else S.t() @ Bf_.t()) * p.scaling
 
 
-def _grads_again(y: torch.Tensor, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
-    """The gradients of ``y`` (weighted by ``dy``) with respect to the needed ``inputs``, as a graph (None for the rest)."""
-    got = iter(torch.autograd.grad(y, [t for t, n in zip(inputs, needs) if n], _as(dy, y.dtype), create_graph=True, allow_unused=True))
+def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
+    """``dy``-weighted gradients of ``f(*inputs)`` for the needed inputs, as a graph, through aliases: hooks on the inputs
+    themselves run once, when the outer backward reaches them."""
+    alias = [t if t is None else t.view_as(t) for t in inputs]
+    y, wanted = f(*alias), [a for a, n in zip(alias, needs) if n]
+    got = iter(torch.autograd.grad(y, wanted, _as(dy, y.dtype), create_graph=True, allow_unused=True) if wanted else ())
     return [next(got) if n else None for n in needs]
 
 
@@ -497,7 +500,7 @@ class AdaptedWeight(torch.autograd.Function):
         lam, gam, A, Bf = ctx.saved_tensors
         p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
-            dlam, dgam = _grads_again(_delta_again(lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
+            dlam, dgam = _grads_again(lambda lam, gam: _delta_again(lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
             return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
@@ -780,7 +783,8 @@ class RandLoraLinear(RandLoraAdapter):
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected floating "
                              f"(..., in_features={self.in_features})")  # fmt: skip
         p, dtype, base = self._plan, x.dtype, self.base
-        if p.amp and dtype != torch.float64 and torch.is_autocast_enabled(p.device_type):  # autocast leaves float64 be
+        amp = p.amp and torch.is_autocast_enabled(p.device_type)
+        if amp and dtype != torch.float64:  # autocast leaves float64 be
             dtype = torch.get_autocast_dtype(p.device_type)
         adt = _update_dtype(dtype)  # float16: the update in float32, beside the base's own call (as PEFT computes it)
         A, Bf = self._bases_in(adt)
@@ -788,7 +792,7 @@ class RandLoraLinear(RandLoraAdapter):
         build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
         unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
         # the base's own call where hooks were set after inject, or for x not in W's dtype without autocast (it raises)
-        ok = self.mergeable and (dtype != x.dtype or x.dtype == base.weight.dtype) or unpack is not None
+        ok = self.mergeable and (amp or x.dtype == base.weight.dtype) or unpack is not None
         fused = ok and adt == dtype and not drop and not _own_call(base)
         if fused:  # the base matmul runs inside the function
             W, b = base.weight, base.bias

@@ -317,6 +317,20 @@ def test_float16_update_keeps_float32_precision(how, strategy):
     assert rel_err(layer.lam.grad, lam64.grad) < 1e-5
 
 
+def test_autocast_keeps_the_fused_call(monkeypatch):
+    """Under autocast a float32 layer computes in one fused call whether its input is float32 or already bf16 (the
+    output of a layer before it): the base's own forward never runs."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8)), ["0", "1"], rank=3)
+    randomize_model_(model, 2)
+    calls = []
+    count_own_calls(monkeypatch, nn.Linear, calls)
+    for x in (torch.randn(5, 16), torch.randn(5, 16).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        assert y.dtype == torch.bfloat16 and calls == []
+
+
 def test_autocast_bf16_cpu():
     layer = make_layer(16, 12, 3)
     x = torch.randn(5, 16)

@@ -293,8 +293,11 @@ def test_gradient_penalty_against_float64(strategy):
     randlora.inject(model, ["1"], rank=4, strategy=strategy)
     randomize_(model[1], 3)
     x = torch.randn(4, 16, requires_grad=True)
+    calls = []
+    model[1].lam.register_hook(lambda g: calls.append(1) or 2 * g)  # a hook that scales (clipping, noise): runs once
     (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
     gx.pow(2).sum().backward()
+    assert len(calls) == 1
     lam, gam = (t.detach().double().requires_grad_() for t in (model[1].lam, model[1].gam))
     A, B = model[1].random_bases(f64)
     W = before[1].weight + model[1].scaling * ref_delta(A, B, lam, gam, 12, 16)
@@ -303,8 +306,25 @@ def test_gradient_penalty_against_float64(strategy):
     (gx64,) = torch.autograd.grad(out, x64, create_graph=True)
     dlam, dgam = torch.autograd.grad(gx64.pow(2).sum(), (lam, gam))
     assert_close(gx.detach().double(), gx64.detach(), 1e-5, what="d out / dx")
-    assert_close(model[1].lam.grad.double(), dlam, 1e-4, what="lam")
+    assert_close(model[1].lam.grad.double(), 2 * dlam, 1e-4, what="lam")
     assert_close(model[1].gam.grad.double(), dgam, 1e-4, what="gam")
+
+
+@pytest.mark.parametrize("strategy", ["build", "factorized"])
+def test_second_order_with_only_the_base_trainable(strategy):
+    """create_graph=True where only the base's bias, or its weight, trains (lam/gam frozen, x without grad): the
+    gradients are the ones computed without create_graph."""
+    torch.manual_seed(0)
+    layer = randlora.inject(nn.Sequential(nn.Linear(6, 5)), ["0"], rank=2, strategy=strategy)[0]
+    randomize_(layer, 1)
+    layer.lam.requires_grad_(False)
+    layer.gam.requires_grad_(False)
+    x = torch.randn(3, 6)
+    for p in (layer.base.bias, layer.base.weight):
+        p.requires_grad_(True)
+        want = torch.autograd.grad(layer(x).pow(2).sum(), p)[0]
+        assert_close(torch.autograd.grad(layer(x).pow(2).sum(), p, create_graph=True)[0], want, 1e-6)
+        p.requires_grad_(False)
 
 
 @pytest.mark.parametrize("strategy", ["build", "factorized"])
