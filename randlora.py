@@ -1850,8 +1850,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
     if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
         raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module of {type(model).__name__}")
-    inside = tuple(saved) + tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
-    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not n.startswith(inside)}
+    inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
+    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and n not in saved and not n.startswith(inside)}
     if not found or None in found.values():
         what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
         raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")

@@ -275,6 +275,30 @@ def test_from_peft_skips_targets_inside_modules_to_save(tmp_path):
     assert_close(got, ref)
 
 
+class HeadNet(nn.Module):
+    """Two linear layers whose names share a prefix: ``head`` (a module to save) and ``head2`` (a target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.head2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head2(torch.relu(self.head(x)))
+
+
+def test_from_peft_adapts_a_target_whose_name_extends_a_module_to_save(tmp_path):
+    """Only a module that is, or is inside, a module to save is skipped: ``head2`` is neither for ``head``."""
+    pm = get_peft_model(HeadNet(), RandLoraConfig(r=2, target_modules=["head2"], modules_to_save=["head"]))
+    randomize_peft(pm, 4)
+    pm.save_pretrained(str(tmp_path / "a"))
+    x = torch.randn(3, 8)
+    ours = randlora.from_peft(HeadNet(), tmp_path / "a")
+    assert [n for n, _ in randlora.named_adapters(ours)] == ["head2"]
+    with torch.no_grad():
+        assert_close(ours(x), pm.eval()(x))
+
+
 def test_from_peft_regenerated_bases_equal_peft_buffers(tmp_path):
     # save_projection=False: our regenerated bases are PEFT's, value for value: each layer's own
     # view (public random_bases) is the slice of PEFT's buffers it uses, and to_peft writes the
