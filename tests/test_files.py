@@ -1460,7 +1460,8 @@ def test_sigkill_during_saves(tmp_path):
             with pytest.raises(FileNotFoundError, match=re.escape(backup)):
                 randlora.from_peft(fresh_tiny(), target)
             randlora.from_peft(loaded, backup)
-            assert _version_of(loaded) == 1, where
+            # the folder before the interrupted save: v1 in a step run; in a loop of v1/v2 saves, either one
+            assert _version_of(loaded) in ((1,) if r["mode"] == "step" else (1, 2)), where
             assert sorted(os.listdir(backup)) == ["adapter_config.json", "adapter_model.safetensors"], where
         # The next save of that target cleans up after the crash, and keeps the user's files.
         getattr(randlora, r["api"])(_marked(3), target)
