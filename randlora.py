@@ -418,7 +418,7 @@ class RandLoraFunction(torch.autograd.Function):
         Wp = c.memo.get(c.key, take=True) if c.memo is not None else None
         if torch.is_grad_enabled():  # create_graph=True (a gradient penalty): gradients that differentiate again
             W = c.unpack() if c.unpack is not None else W
-            y = lambda x, W, lam, gam: F.linear(x, _delta_again(lam, gam, A, Bf, c.plan, x.dtype) + (0 if W is None else W))
+            y = lambda x, W, lam, gam: F.linear(x, _weight_again(W, lam, gam, A, Bf, c.plan, x.dtype))
             dX, dW, dlam, dgam = _grads_again(y, (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
             return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
         p, dtype, need_S = c.plan, x.dtype, need_lam or need_gam
@@ -448,12 +448,13 @@ class RandLoraFunction(torch.autograd.Function):
         return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
 
 
-def _delta_again(lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """``s ΔW`` ``(out, in)`` in autograd's own ops (as :func:`_small_basis` rounds), for gradients that differentiate again."""
+def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_adapted_weight` with ``S`` in autograd's own ops (rounded as :func:`_small_basis` rounds), for gradients
+    that differentiate again."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
     S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
-    return (Bf_ @ S if p.out_ge_in else S.t() @ Bf_.t()) * p.scaling
+    return _adapted_weight(W, S, Bf_, p.scaling, p.out_ge_in)
 
 
 def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
@@ -500,7 +501,7 @@ class AdaptedWeight(torch.autograd.Function):
         lam, gam, A, Bf = ctx.saved_tensors
         p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
-            dlam, dgam = _grads_again(lambda lam, gam: _delta_again(lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
+            dlam, dgam = _grads_again(lambda lam, gam: _weight_again(None, lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
             return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
@@ -1687,8 +1688,7 @@ def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[R
         if not (isinstance(e, list) and len(e) == size and all(type(v) is int and v > 0 for v in e[:2])):
             raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, expected [out, in{', dropout, strategy' if size == 4 else ''}]")
         try:  # a strategy recorded as "merged" (build's name before 0.2) loads as build
-            strategy = {"merged": "build"}.get(e[-1], e[-1]) if isinstance(e[-1], str) else e[-1]
-            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy=strategy)))
+            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy="build" if e[3] == "merged" else e[3])))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: layer {_short(name)}: {err}") from None
         layers[name] = (e[0], e[1], config)
