@@ -1505,14 +1505,13 @@ def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str,
     """Write contiguous CPU tensors with safetensors' own writer, numpy-free: specs from data pointers (>= 0.8) or bytes."""
     spec, data, tensors = getattr(safetensors, "TensorSpec", None), {}, {}
     for name, t in items:
-        dtype, shape = str(t.dtype).removeprefix("torch."), list(t.shape)
+        kw = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         if spec is not None:
-            tensors[name] = spec(dtype=dtype, shape=shape, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
-        else:
-            tensors[name] = {"dtype": dtype, "shape": shape, "data": data.setdefault(id(t), bytes(_tensor_bytes(t)))}
-    fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode open() gives: safetensors' is 0600
-    mode = os.fstat(fd).st_mode
-    os.close(fd)
+            tensors[name] = spec(**kw, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
+        else:  # a tensor listed twice (the PEFT bases) is held once
+            tensors[name] = kw | {"data": data.setdefault(id(t), bytes(_tensor_bytes(t)))}
+    open(filename, "x").close()  # the mode open() gives, which safetensors' writer (0600) would not
+    mode = os.stat(filename).st_mode
     safetensors.serialize_file(tensors, filename, metadata=dict(metadata))
     os.chmod(filename, stat.S_IMODE(mode))
 
@@ -1526,9 +1525,8 @@ def _stat(path: str, expect: Callable[[int], bool] | None = None, what: str = ""
     except OSError as e:
         raise ValueError(f"{path}: symlink loop (too many levels of symbolic links)") if e.errno == 40 else e from None
     if expect is not None and not expect(st.st_mode):
-        kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")]  # fmt: skip
-        kind = next((k for test, k in kinds if test(st.st_mode)), "a special file")
+        kinds = {"d": "a directory", "p": "a FIFO (named pipe)", "c": "a character device", "b": "a block device", "s": "a socket"}
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else kinds.get(stat.filemode(st.st_mode)[0], "a special file")
         raise ValueError(f"{path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; {what}")
     return st
 
@@ -1556,21 +1554,16 @@ def _fsync(path: str) -> None:
     """Flush ``path`` to disk; a folder that cannot be fsynced (some systems) is let be, a file's failure raises."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:
-        if not os.path.isdir(path):
-            raise
+        with contextlib.suppress(*[OSError] if os.path.isdir(path) else []):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
-    """Write ``path`` (a file or a folder) by ``write(new)`` inside a temporary folder beside it, fsync, rename into place
-    (README: What a saved adapter guarantees). A killed save leaves only its ``.<name>.randlora-*.tmp`` folder, safetensors'
-    own temporary file included, which the next save removes; a crash between a folder's two renames leaves the old
-    folder at :func:`_backup_path`."""
+    """Write ``path`` (file or folder) by ``write(new)`` in a folder beside it, fsync, rename (README: What a saved adapter guarantees)."""
     parent, name = os.path.split(path)
-    for e in os.scandir(parent or "."):
+    for e in os.scandir(parent or "."):  # a killed save's temporary folder (safetensors' own temporary file inside)
         if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
@@ -1585,7 +1578,7 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
             _fsync(f)
         if os.path.exists(path):
             shutil.copymode(path, new)
-        if folder and os.path.lexists(path):
+        if folder and os.path.lexists(path):  # a crash between the two renames leaves the old folder at _backup_path
             os.rename(path, _backup_path(path))
             try:
                 os.rename(tmp, path)
@@ -1607,8 +1600,7 @@ def _is_writer() -> bool:
 
 def _gather(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor's full value as a contiguous CPU tensor; FSDP2's DTensor shards are gathered (a collective)."""
-    full = getattr(t, "full_tensor", None)
-    t = (full() if callable(full) else t).detach()
+    t = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
     return t.to("cpu", dtype or t.dtype).contiguous()
 
 
@@ -1651,7 +1643,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     (hot swap). Anything that does not fit or was changed is refused (``ValueError``), the model unchanged."""
     path = os.fspath(path)
     with _open_safetensors(path) as f:
-        meta, version = f.metadata() or {}, (f.metadata() or {}).get("format_version")
+        version = (meta := f.metadata() or {}).get("format_version")
         if meta.get("format") != FORMAT_NAME or version not in READ_VERSIONS:  # before reading what may be a large other file
             what = f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}" if meta.get("format") == FORMAT_NAME else ""
             raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter (metadata format={_short(meta.get('format'))})")
@@ -1709,8 +1701,7 @@ def trainer_class(base: type | None = None) -> type:
     class RandLoraTrainer(base or transformers.Trainer):
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
-            created = self.args.should_save and not os.path.isdir(output_dir)
-            if self.args.should_save:
+            if created := self.args.should_save and not os.path.isdir(output_dir):
                 os.makedirs(output_dir, exist_ok=True)
             try:
                 _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards are gathered
