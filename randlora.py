@@ -947,18 +947,13 @@ def _own_call(module: nn.Module) -> bool:
 
 
 def _classify(module: nn.Module) -> tuple[str, str | None]:
-    """``(layout, shows)`` of a base layer, by its weight and forward (bitsandbytes' layers subclass nn.Linear). Layout:
-    ``"linear"``/``"conv1d"`` (a plain weight: the base matmul runs in the function), ``"4bit"`` (bitsandbytes'
-    Linear4bit: dequantized for the build strategy) or ``"opaque"`` (its own forward, and hooks, run; the adapter beside).
-    ``shows``: what ``.weight`` gives a parent reading it: ``"adapted"``, ``"base"`` (packed integers) or None."""
+    """``(layout, shows)``: "linear"/"conv1d" (plain weight), "4bit" (bnb Linear4bit), "opaque" (own forward); .weight: "adapted"/"base"/None."""
     w, plain_fwd = getattr(module, "weight", None), isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-    hooked = parametrize.is_parametrized(module) or bool(module._forward_pre_hooks)  # they may compute the weight
-    own = _own_call(module)
-    if not hooked and not own and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
+    free = not parametrize.is_parametrized(module) and not _own_call(module)  # hooks and parametrizations may compute the weight
+    if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    c4 = _bnb_class(module, "Linear4bit")
-    bnb4 = c4 is not None and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward
-    layout = "4bit" if bnb4 and not hooked and not own else "opaque"
+    c4 = _bnb_class(module, "Linear4bit")  # bitsandbytes' layers subclass nn.Linear
+    layout = "4bit" if free and c4 and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
@@ -975,11 +970,9 @@ def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Te
 
 
 def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
-    """How ``parent`` uses its child ``attr``'s ``.weight``: ``"computes"`` with it (MHA's out_proj, the fast path of
-    nn.TransformerEncoderLayer), ``"inspects"`` it (T5 reads ``wo.weight.dtype``), or None."""
-    if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
-        return "computes"
-    if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
+    """How ``parent`` uses child ``attr``'s weight: "computes" with it (MHA's out_proj, TransformerEncoderLayer), "inspects" it (T5) or None."""
+    mha, encoder = isinstance(parent, nn.MultiheadAttention), isinstance(parent, nn.TransformerEncoderLayer)
+    if (mha and attr == "out_proj") or (encoder and attr in ("linear1", "linear2")):
         return "computes"
     return "inspects" if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo" else None
 
@@ -1003,60 +996,42 @@ def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
     return f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it" if _weight_reader(parent, attr) == "computes" else ""
 
 
-def _check_target(model: nn.Module, name: str, module: nn.Module, config: RandLoraConfig, inside: tuple, stored: bool) -> None:
-    """Refuse target ``name`` where it cannot compute exactly base + s ΔW with ``config`` (``inside``: RandLoRA wrappers' prefixes)."""
-    (parent_name, _, attr), mha, kind = name.rpartition("."), isinstance(module, nn.MultiheadAttention), type(module).__name__
-    parent, shapes, refuse = model.get_submodule(parent_name) if name else None, _target_shapes(module), f"cannot adapt {_short(name)}: "
-    if name == "":
-        raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules in place; wrap a "
-                         "bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)")  # fmt: skip
-    adapted = isinstance(module, (RandLoraAdapter, SavedModule)) or name.startswith(inside)
-    if adapted or (mha and any(isinstance(m, RandLoraAdapter) for m in module.modules())):  # an MHA's projections or out_proj
-        raise ValueError(refuse + "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) first to re-adapt it")
-    if shapes is None:
-        raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with in_features, out_features "
-                        "and forward) nor an nn.MultiheadAttention")  # fmt: skip
-    small = [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]
-    if small:
-        raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]))
-    if not mha and _plain_weight(getattr(module, "weight", None)) and (parametrize.is_parametrized(module) or module._forward_pre_hooks):
-        raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could "
-                         "not write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
-                         "torch.nn.utils.remove_weight_norm)")  # fmt: skip
-    why = _no_dropout(parent, attr, module) if config.dropout > 0 else ""
-    if why:
-        raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an "
-                         "inject call of its own) or leave it out of the targets")  # fmt: skip
-    if mha:
-        inputs_plain = all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
-        if not (inputs_plain and _classify(module.out_proj)[0] == "linear"):
-            raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
-    reader, shows = _weight_reader(parent, attr), None if mha else _classify(module)[1]
-    if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
-        raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} has no "
-                         "plain weight to add the update to")  # fmt: skip
-
-
 def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
     """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
     for name, module in found:
-        _check_target(model, name, module, configs[name], inside, stored)
-    _check_nesting(found, "target", "target")
-
-
-def _check_nesting(outer: list[tuple[str, nn.Module]], outer_kind: str, inner_kind: str, inner=None) -> None:
-    """Refuse an ``outer`` module containing an ``inner`` one: the outer wrapper would skip or double the inner."""
-    ids = {id(m) for _, m in (outer if inner is None else inner)}
-    for name, m in outer:
-        for sub_name, sub in m.named_modules(remove_duplicate=False):
-            if sub_name and id(sub) in ids:
-                raise ValueError(f"{outer_kind} {_short(name)} contains {inner_kind} {_short(name + '.' + sub_name)}; both are "
-                                 "selected, and a selected module may not contain another: select one of them")  # fmt: skip
+        (parent_name, _, attr), mha, kind = name.rpartition("."), isinstance(module, nn.MultiheadAttention), type(module).__name__
+        parent, shapes, config = model.get_submodule(parent_name) if name else None, _target_shapes(module), configs[name]
+        refuse = f"cannot adapt {_short(name)}: "
+        if name == "":
+            raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules in place; wrap a "
+                             "bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)")  # fmt: skip
+        adapted = isinstance(module, (RandLoraAdapter, SavedModule)) or name.startswith(inside)
+        if adapted or (mha and any(isinstance(m, RandLoraAdapter) for m in module.modules())):  # an MHA's projections or out_proj
+            raise ValueError(refuse + "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) first to re-adapt it")
+        if shapes is None:
+            raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with in_features, out_features "
+                            "and forward) nor an nn.MultiheadAttention")  # fmt: skip
+        if small := [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]:
+            raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]))
+        if not mha and _plain_weight(getattr(module, "weight", None)) and (parametrize.is_parametrized(module) or module._forward_pre_hooks):
+            raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could not "
+                             "write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+                             "torch.nn.utils.remove_weight_norm)")  # fmt: skip
+        if config.dropout > 0 and (why := _no_dropout(parent, attr, module)):
+            raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call of its own) or leave "
+                             "it out of the targets")  # fmt: skip
+        plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
+        if mha and not (plain_in and _classify(module.out_proj)[0] == "linear"):
+            raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
+        reader, shows = _weight_reader(parent, attr), None if mha else _classify(module)[1]
+        if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
+            raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} has no "
+                             "plain weight to add the update to")  # fmt: skip
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
-    """Refuse modules to save that cannot be: the root, RandLoRA wrappers or their insides, targets, nestings."""
+    """Refuse modules to save that cannot be (the root, RandLoRA wrappers or their insides, targets) and nested selected modules."""
     targeted, wrappers = {id(m) for _, m in found}, (RandLoraAdapter, SavedModule)
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, wrappers))
     for name, m in saved:
@@ -1064,9 +1039,12 @@ def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: li
             raise ValueError(f"module {_short(name)} is {'the model itself' if name == '' else 'both a target and'} a module to save; choose one")
         if any(isinstance(s, wrappers) for s in m.modules()) or name.startswith(inside):
             raise ValueError(f"module to save {_short(name)} is, is inside or contains a RandLoRA adapter or saved module")
-    _check_nesting(saved, "module to save", "module to save")
-    _check_nesting(saved, "module to save", "target", found)
-    _check_nesting(found, "target", "module to save", saved)
+    kinds = {id(m): kind for kind, pairs in (("target", found), ("module to save", saved)) for _, m in pairs}
+    for name, m in [*found, *saved]:  # the outer module's wrapper would skip or double the inner one
+        for sub_name, sub in m.named_modules(remove_duplicate=False):
+            if sub_name and id(sub) in kinds:
+                raise ValueError(f"{kinds[id(m)]} {_short(name)} contains {kinds[id(sub)]} {_short(name + '.' + sub_name)}; both are "
+                                 "selected, and a selected module may not contain another: select one of them")  # fmt: skip
 
 
 Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -1094,50 +1072,38 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequ
             skip = [*skip, model.get_output_embeddings()]
         skip = [*skip, *(getattr(model, h, None) for h in _HEADS), *(m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule)))]
         out = {id(s) for m in skip if isinstance(m, nn.Module) for s in m.modules()}
-        hit = lambda n, m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out
+        hits = {id(m) for _, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out}
     elif isinstance(targets, str):
         try:
             regex = re.compile(targets)
         except re.error as e:
             raise ValueError(f"{what} {_short(targets)} is not a valid regular expression: {e}") from None
-        hit = lambda n, m: regex.fullmatch(n) is not None
-        if not any(hit(n, m) for n, m in modules):
+        if not (hits := {id(m) for n, m in modules if regex.fullmatch(n)}):
             names = sorted({n for n, _ in modules if _name_matches(n, targets)})
             hint = f"; as a list, {what}=[{_short(targets)}] would select {_short_list(names, 5)}" if names else ""
             raise ValueError(f"{what} regex {_short(targets)} matched no module (a str is a regular expression full-matched against "
                              f"qualified names, a list matches names){hint}; linear layers: {_linear_names(model)}")  # fmt: skip
     else:
-        hit = (lambda n, m: bool(targets(n, m))) if callable(targets) else (lambda n, m: any(_name_matches(n, e) for e in targets))
         for entry in targets if not callable(targets) else ():
             if not any(_name_matches(n, entry) for n, _ in modules):
                 raise ValueError(f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its linear layers are: "
                                  f"{_linear_names(model)}")  # fmt: skip
-    hits = {id(m) for n, m in modules if hit(n, m)}
+        hits = {id(m) for n, m in modules if (targets(n, m) if callable(targets) else any(_name_matches(n, e) for e in targets))}
     return [(n, m) for n, m in model.named_modules() if id(m) in hits]
 
 
-def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """Every ``(parent, attribute)`` holding each module: one scan, so that replacing many modules stays linear."""
-    slots: dict[int, list] = {}
-    for parent in model.modules():
-        for attr, child in parent._modules.items():
-            slots.setdefault(id(child), []).append((parent, attr))
+def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put ``new[id(m)]`` wherever each module ``m`` is, in one scan (a module under two names stays one); the slots filled."""
+    slots = [(parent, attr, new[id(child)]) for parent in model.modules() for attr, child in parent._modules.items() if id(child) in new]
+    for parent, attr, module in slots:
+        setattr(parent, attr, module)
     return slots
 
 
-def _replace(slots: dict, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is: a module under two names (or two parents) stays one module."""
-    for parent, attr in slots.get(id(old), []):
-        setattr(parent, attr, new)
-    slots[id(new)] = slots.pop(id(old), [])
-
-
-def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> None:
-    """Put an adapter on the checked target ``name``; an nn.MultiheadAttention stays one, its projections adapted inside."""
+def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> nn.Module:
+    """The adapted checked target ``name``: a RandLoraLinear, or the nn.MultiheadAttention itself, its projections adapted inside."""
     if not isinstance(module, nn.MultiheadAttention):
-        new = RandLoraLinear(module, config, name, bases=bases)
-        new._dropout_refusal = next((why for parent, attr in slots.get(id(module), []) if (why := _no_dropout(parent, attr, module))), "")
-        return _replace(slots, module, new)
+        return RandLoraLinear(module, config, name, bases=bases)
     order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
     why = _no_dropout(module, "out_proj", module.out_proj)  # before a parametrization renames the class
     for param in _mha_weights(module):
@@ -1149,6 +1115,7 @@ def _adapt(slots: dict, name: str, module: nn.Module, config: RandLoraConfig, ba
         module.parametrizations[param].register_load_state_dict_pre_hook(RandLoraWeight._state_hook)
     module.out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
     module.out_proj._dropout_refusal = why
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -1199,11 +1166,10 @@ def inject(
 
 def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved, bases: _Bases | None = None) -> None:
     """Adapt checked targets (largest first: the shared bases are drawn once) and wrap the modules to save."""
-    slots = _slots(model)
-    for name, m, config in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1]))):
-        _adapt(slots, name, m, config, bases)
-    for name, m in saved:
-        _replace(slots, m, SavedModule(m, name))
+    new = {id(m): _adapt(n, m, c, bases) for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1])))}
+    for parent, attr, m in _replace(model, new | {id(m): SavedModule(m, name) for name, m in saved}):
+        if isinstance(m, RandLoraLinear) and not m._dropout_refusal:  # a parent under any of its names may read the weight
+            m._dropout_refusal = _no_dropout(parent, attr, m)
     for _, m in named_adapters(model):
         m._replan()  # every layer views the newest (largest) copy of the bases
     mark_only_adapter_as_trainable(model)
@@ -1220,9 +1186,8 @@ def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str)
 
     owners: dict[object, list[str]] = {}
     for mname, mod in model.named_modules():
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(where(p), []).append(f"{mname}.{pname}" if mname else pname)
+        for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False):
+            owners.setdefault(where(p), []).append(pname)
     for m in layers:
         if not m.mergeable or (isinstance(m, RandLoraLinear) and _own_call(m.base)):
             raise TypeError(f"cannot {verb}: layer {_short(m.name)} wraps a {type(m.base).__name__}, " + _UNMERGEABLE)
@@ -1237,21 +1202,15 @@ def merge(model: nn.Module) -> nn.Module:
     """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it cannot."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
-    for m in layers:
-        if m.disabled:  # inside disable(): decides the state after it
-            m._remerge = True
-        else:
-            m.merge()
+    for m in layers:  # inside disable(): merged when the context ends
+        setattr(m, "_remerge", True) if m.disabled else m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter's update again (idempotent)."""
-    for _, m in named_adapters(model):
-        if m.disabled:
-            m.__dict__.pop("_remerge", None)
-        else:
-            m.unmerge()
+    for _, m in named_adapters(model):  # inside disable(): left unmerged when the context ends
+        m.__dict__.pop("_remerge", None) if m.disabled else m.unmerge()
     return model
 
 
@@ -1262,28 +1221,26 @@ def eject(model: nn.Module) -> nn.Module:
         raise RuntimeError("cannot eject inside randlora.disable(model): the model must compute as the base there")
     _check_mergeable(model, layers, "eject")
     merge(model)
-    slots = _slots(model)
     for m in layers:
-        _replace(slots, m, m.base) if isinstance(m, RandLoraLinear) else m.unwrap()
-    for s in saved:
-        _replace(slots, s, s.trained)
+        if isinstance(m, RandLoraWeight):
+            m.unwrap()
+    _replace(model, {id(m): m.base for m in layers if isinstance(m, RandLoraLinear)} | {id(s): s.trained for s in saved})
     return model
 
 
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside, ``model`` computes exactly as the base model (a DPO reference); contexts nest."""
-    modules = [m for _, m in named_adapters(model)] + list(_saved_modules(model).values())
-    state = [m.disabled for m in modules]
-    for m in modules:
-        if not m.disabled and isinstance(m, RandLoraAdapter):
+    state = [(m, m.disabled) for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule))]
+    for m, was in state:
+        if not was and isinstance(m, RandLoraAdapter):
             m._remerge = m.merged  # merged again when the outermost context ends
             m.unmerge()
         m.disabled = True
     try:
         yield model
     finally:
-        for m, was in zip(modules, state):
+        for m, was in state:
             m.disabled = was
             if not was and m.__dict__.pop("_remerge", False):
                 m.merge()
