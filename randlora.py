@@ -999,35 +999,43 @@ def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
 def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
     """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
+    holders = {}  # every (parent, attribute) holding a module: a module under two names is checked under each
+    for p in model.modules():
+        for a, child in p._modules.items():
+            holders.setdefault(id(child), []).append((p, a))
     for name, module in found:
-        (parent_name, _, attr), mha, kind = name.rpartition("."), isinstance(module, nn.MultiheadAttention), type(module).__name__
-        parent, shapes, config = model.get_submodule(parent_name) if name else None, _target_shapes(module), configs[name]
+        mha, kind, shapes, config = isinstance(module, nn.MultiheadAttention), type(module).__name__, _target_shapes(module), configs[name]
         refuse = f"cannot adapt {_short(name)}: "
         if name == "":
             raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules in place; wrap a "
                              "bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)")  # fmt: skip
-        adapted = isinstance(module, (RandLoraAdapter, SavedModule)) or name.startswith(inside)
-        if adapted or (mha and any(isinstance(m, RandLoraAdapter) for m in module.modules())):  # an MHA's projections or out_proj
-            raise ValueError(refuse + "it is already adapted with RandLoRA, or is (inside) a module to save; eject(model) first to re-adapt it")
+        if name.startswith(inside) or any(isinstance(m, (RandLoraAdapter, SavedModule)) for m in module.modules()):
+            raise ValueError(refuse + "it is already adapted with RandLoRA, contains an adapter, or is (inside) a module to save; "
+                             "eject(model) first to re-adapt it")  # fmt: skip
         if shapes is None:
             raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with in_features, out_features "
                             "and forward) nor an nn.MultiheadAttention")  # fmt: skip
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(refuse + f"it is a {kind} whose shape is not known yet; run one forward pass first")
         if small := [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]:
             raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]))
         if not mha and _plain_weight(getattr(module, "weight", None)) and (parametrize.is_parametrized(module) or module._forward_pre_hooks):
             raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could not "
                              "write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
                              "torch.nn.utils.remove_weight_norm)")  # fmt: skip
-        if config.dropout > 0 and (why := _no_dropout(parent, attr, module)):
+        why = next((w for parent, attr in holders[id(module)] if (w := _no_dropout(parent, attr, module))), "")
+        if config.dropout > 0 and why:
             raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call of its own) or leave "
                              "it out of the targets")  # fmt: skip
         plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
         if mha and not (plain_in and _classify(module.out_proj)[0] == "linear"):
             raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
-        reader, shows = _weight_reader(parent, attr), None if mha else _classify(module)[1]
-        if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
-            raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} has no "
-                             "plain weight to add the update to")  # fmt: skip
+        shows = None if mha else _classify(module)[1]
+        for parent, attr in holders[id(module)]:
+            reader = _weight_reader(parent, attr)
+            if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
+                raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} "
+                                 "has no plain weight to add the update to")  # fmt: skip
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
@@ -1166,8 +1174,9 @@ def inject(
 
 def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved, bases: _Bases | None = None) -> None:
     """Adapt checked targets (largest first: the shared bases are drawn once) and wrap the modules to save."""
+    copies = {id(m): SavedModule(m, name) for name, m in saved}  # first: a module deepcopy refuses fails before any target changes
     new = {id(m): _adapt(n, m, c, bases) for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1])))}
-    for parent, attr, m in _replace(model, new | {id(m): SavedModule(m, name) for name, m in saved}):
+    for parent, attr, m in _replace(model, new | copies):
         if isinstance(m, RandLoraLinear) and not m._dropout_refusal:  # a parent under any of its names may read the weight
             m._dropout_refusal = _no_dropout(parent, attr, m)
     for _, m in named_adapters(model):
@@ -1202,15 +1211,21 @@ def merge(model: nn.Module) -> nn.Module:
     """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it cannot."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
-    for m in layers:  # inside disable(): merged when the context ends
-        setattr(m, "_remerge", True) if m.disabled else m.merge()
+    for m in layers:
+        if m.disabled:  # inside disable(): merged when the context ends
+            m._remerge = True
+        else:
+            m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter's update again (idempotent)."""
-    for _, m in named_adapters(model):  # inside disable(): left unmerged when the context ends
-        m.__dict__.pop("_remerge", None) if m.disabled else m.unmerge()
+    for _, m in named_adapters(model):
+        if m.disabled:  # inside disable(): left unmerged when the context ends
+            m.__dict__.pop("_remerge", None)
+        else:
+            m.unmerge()
     return model
 
 
@@ -1422,7 +1437,7 @@ def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: M
         if (m.out_features, m.in_features) != (out_f, in_f):
             raise ValueError(f"{source}: layer {_short(name)} is (out, in) = {(out_f, in_f)} in the adapter but "
                              f"{(m.out_features, m.in_features)} in the model")  # fmt: skip
-        why = _no_dropout(model.get_submodule(parent), attr, m) if config.dropout > 0 else ""
+        why = (m._dropout_refusal or _no_dropout(model.get_submodule(parent), attr, m)) if config.dropout > 0 else ""
         if why:
             raise ValueError(f"{source}: layer {_short(name)} has dropout {config.dropout}, but {why}")
 
@@ -1677,6 +1692,13 @@ def trainer_callback():
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save:  # a diverged adapter is refused before the Trainer writes, or rotates away, a checkpoint
+                _file_tensors(dict(named_adapters(model)), _saved_modules(model))
+            return control
+
+        on_epoch_end = on_step_end
+
         def on_save(self, args, state, control, model=None, **kwargs):
             folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if args.should_save and not os.path.isdir(folder):
@@ -1684,8 +1706,9 @@ def trainer_callback():
             try:
                 _adapter_checkpoint(model, folder, args.should_save)
             except (TypeError, ValueError) as e:  # refused before anything is written: the Trainer's whole-model files stay
-                if args.should_save:
-                    os.rename(folder, folder + ".refused")  # resume_from_checkpoint=True then picks the last good one
+                if args.should_save:  # resume_from_checkpoint=True then picks the last good one
+                    shutil.rmtree(folder + ".refused", ignore_errors=True)  # an earlier run's
+                    os.rename(folder, folder + ".refused")
                 raise type(e)(f"{e}; the Trainer's checkpoint is kept as {folder}.refused") from None
             return control
 

@@ -340,6 +340,49 @@ def test_inject_into_adapted_layer_refused(targets):
     refused(model, lambda m: randlora.inject(m, targets, rank=2), ValueError, "already adapted")
 
 
+class LinearLike(nn.Module):
+    """A linear-like module (in_features, out_features, forward) that holds a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features = self.out_features = 8
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_target_containing_an_adapter_is_refused():
+    """A second inject on a linear-like module around an adapted layer would wrap an adapter in an adapter."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(LinearLike()), ["0.inner"], rank=2)
+    randomize_model_(model, 1)
+    refused(model, lambda m: randlora.inject(m, ["0"], rank=2), ValueError, re.escape("cannot adapt '0'"), "contains an adapter")
+
+
+def test_a_lazy_layer_not_yet_run_is_refused_naming_why():
+    """Its in_features is 0 until a forward: refused as uninitialised, not as "rank larger than min(in, out) = 0"."""
+    model = nn.Sequential(nn.LazyLinear(8))
+    with pytest.raises(ValueError, match="LazyLinear whose shape is not known yet; run one forward pass first"):
+        randlora.inject(model, ["0"], rank=2)
+    assert type(model[0]) is nn.LazyLinear and model[0].has_uninitialized_params()
+
+
+def test_a_layer_under_two_names_is_checked_under_each_parent():
+    """MHA's out_proj also registered elsewhere, first: its first name's parent is not the MHA, but the MHA still reads
+    its weight, so adapter dropout, which could never apply, is refused under either name."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj, self.mha = mha.out_proj, mha
+
+    torch.manual_seed(0)
+    for targets in (["mha.out_proj"], ["proj"]):
+        refused(Holder(), lambda m: randlora.inject(m, targets, rank=2, dropout=0.5), ValueError, "reads out_proj.weight", "dropout")
+
+
 @pytest.mark.parametrize("targets,name", [(["head", "norm"], "norm"), ("block|head", "block"), (lambda n, m: n in ("head", "block.1"), "block.1")])
 def test_non_linear_target_type_error(targets, name):
     refused(fresh_tiny(), lambda m: randlora.inject(m, targets, rank=2), TypeError, re.escape(f"cannot adapt {name!r}"), "not a linear layer")

@@ -258,6 +258,48 @@ def test_a_diverged_save_leaves_the_last_good_checkpoint_for_resume(how, tmp_pat
         assert torch.equal(v, adapter_values(reference)[k]), k
 
 
+class DivergeInStep(transformers.TrainerCallback):
+    """Puts a NaN into one lam in the optimizer step of step ``at``, as a diverging update does: before any on_step_end."""
+
+    def __init__(self, model, at: int) -> None:
+        self.model, self.at = model, at
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.at:
+            with torch.no_grad():
+                next(m for _, m in randlora.named_adapters(self.model)).lam[0, 0] = float("nan")
+        return control
+
+
+@pytest.mark.parametrize("how", ["class", "callback"])
+def test_a_diverged_step_with_save_total_limit_keeps_the_last_good_checkpoint(how, tmp_path):
+    """save_total_limit=1: the Trainer deletes older checkpoints once it has written a new one. The callback refuses a
+    diverged adapter at the step's end, before the Trainer writes (and rotates): checkpoint-1 stays for resume."""
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path, "llama", how, max_steps=3, save_total_limit=1)
+    trainer.add_callback(DivergeInStep(model, 2))
+    with pytest.raises(ValueError, match=r"lam' has NaN or Inf values"):
+        trainer.train()
+    assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+    check_adapter_only(tmp_path / "checkpoint-1", model)
+
+
+def test_a_second_refusal_at_the_same_step_replaces_the_earlier_refused_folder(tmp_path):
+    """A rerun into the same output_dir that diverges at the same step again: the refusal is the ValueError (not an
+    OSError from renaming onto the earlier checkpoint-N.refused), and no checkpoint-N is left for resume to pick."""
+    (tmp_path / "checkpoint-2.refused").mkdir()
+    (tmp_path / "checkpoint-2.refused" / "model.safetensors").write_bytes(b"an earlier run's")
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path, "llama", "callback", max_steps=3)
+    trainer.add_callback(Diverge(model, 2))
+    with pytest.raises(ValueError, match=r"lam' has NaN or Inf values"):
+        trainer.train()
+    assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2.refused"]
+    assert (tmp_path / "checkpoint-2.refused" / "model.safetensors").read_bytes() != b"an earlier run's"
+
+
 def test_a_failed_adapter_write_keeps_the_trainers_whole_model_checkpoint(tmp_path, monkeypatch):
     """Callback mode: when writing the adapter-only file fails (disk full), the Trainer's own model file is still in
     the checkpoint folder: it is replaced only after the adapter file is complete, never removed first."""
