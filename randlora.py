@@ -1,11 +1,10 @@
 """RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
 
-A frozen ``y = x W^T + b`` (``W``: ``(out, in)``) gets ``ΔW = Σ_b B_b Λ_b A Γ_b``: random bases ``A`` ``(r, d)``, ``B``
-``(D, n, r)`` shared by all adapted layers, only the diagonals ``lam`` ``(r, n)`` and ``gam`` ``(n, d)`` trained
-(``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``). With ``S[k*n + b, j] = lam[k, b] A[k, j] gam[b, j]``
-and ``Bf[:, b*r + k] = B[:, b, k]``: ``ΔW = Bf S`` (transposed if out < in), ``y = x W^T + b + (alpha / r) x ΔW^T``, as
-PEFT computes it (docs/MATH.md). Sections: config, bases, math and kernels, autograd, adapters, targeting and refusals,
-verbs, files, Trainer, PEFT and LoRA export.
+A frozen ``y = x W^T + b`` (``W``: ``(out, in)``) gets ``ΔW = Σ_b B_b Λ_b A Γ_b``: random bases ``A`` ``(r, d)``, ``B`` ``(D, n, r)``
+shared by all adapted layers, only the diagonals ``lam`` ``(r, n)`` and ``gam`` ``(n, d)`` trained (``d = min(in, out)``,
+``D = max(in, out)``, ``n = ceil(d / r)``). With ``S[k*n + b, j] = lam[k, b] A[k, j] gam[b, j]`` and ``Bf[:, b*r + k] = B[:, b, k]``:
+``ΔW = Bf S`` (transposed if out < in), ``y = x W^T + b + (alpha / r) x ΔW^T``, as PEFT computes it (docs/MATH.md). Sections:
+config, bases, math and kernels, autograd, adapters, targeting and refusals, verbs, files, Trainer, PEFT and LoRA export.
 """
 
 from __future__ import annotations
@@ -35,10 +34,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __version__ = "0.3.0"
 __all__ = [
-    "RandLoraConfig", "RandLoraLinear", "RandLoraWeight", "SavedModule", "inject", "named_adapters", "merge", "unmerge",
-    "eject", "disable", "hold_weights", "mark_only_adapter_as_trainable", "summary", "adapter_state_dict",
-    "load_adapter_state_dict", "save_adapter", "load_adapter", "trainer_class", "trainer_callback", "from_peft",
-    "to_peft", "to_lora",
+    "RandLoraConfig", "RandLoraLinear", "RandLoraWeight", "SavedModule", "inject", "named_adapters", "merge", "unmerge", "eject",
+    "disable", "hold_weights", "mark_only_adapter_as_trainable", "summary", "adapter_state_dict", "load_adapter_state_dict",
+    "save_adapter", "load_adapter", "trainer_class", "trainer_callback", "from_peft", "to_peft", "to_lora",
 ]  # fmt: skip
 
 # -----------------------------------------------------------------------------
@@ -119,9 +117,7 @@ def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
     """Set ``block``'s diagonal (0 or ±1) so that every leading principal minor is odd: LU over GF(2), 62 bits per int64 word."""
     K, WB = block.shape[0], 62
     nw, idx = -(-K // WB), torch.arange(K)
-    bits = torch.zeros(K, nw * WB, dtype=torch.int64)
-    bits[:, :K] = (block != 0).to(torch.int64)
-    bits[idx, idx] = 0
+    bits = F.pad((block != 0).to(torch.int64).fill_diagonal_(0), (0, nw * WB - K))
     words = (bits.view(K, nw, WB) << torch.arange(WB)).sum(-1)  # distinct powers of two: the sum is an or
     on = torch.zeros(K, dtype=torch.bool)
     for k in range(K):
@@ -206,9 +202,8 @@ class _Bases:
 
 
 # -----------------------------------------------------------------------------
-# Math (docs/MATH.md#the-update, #gradients) and its Triton kernels: on CUDA each elementwise step is one kernel (S written
-# once, dS read once), computing the reference's float32 expressions. The switch is decided at import; the reference
-# beside it runs everywhere else (CPU, float64, inside torch.compile graphs where inductor fuses it, RANDLORA_TRITON=0).
+# Math (docs/MATH.md#the-update, #gradients) and its Triton kernels: on CUDA each elementwise step is one kernel (S written once, dS read once) with
+# the reference's float32 expressions; the reference runs elsewhere (CPU, float64, torch.compile graphs, which inductor fuses, RANDLORA_TRITON=0).
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,8 +243,7 @@ if triton is not None:
     @triton.jit
     def _small_basis_kernel(S, lam, A, gam, n, d, s_row, a_row, g_row, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # k * n + b
-        k = row // n
-        b = row - k * n
+        k, b = row // n, row % n
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = j < d
         a = tl.load(A + k * a_row + j, mask=mask).to(tl.float32)
@@ -261,8 +255,7 @@ if triton is not None:
     def _scale_grads_kernel(dS, A, lam, gam, dgam, part, r, n, d, ds_row, a_row, g_row, scaling, BLOCK: tl.constexpr):
         # One program per (basis b, column block): reads dS[k*n + b, j] once for all k, accumulates dgam[b, j]
         # and writes per-block partial sums of dlam (no atomics: deterministic).
-        b = tl.program_id(0)
-        jb = tl.program_id(1)
+        b, jb = tl.program_id(0), tl.program_id(1)
         j = jb * BLOCK + tl.arange(0, BLOCK)
         mask = j < d
         g = tl.load(gam + b * g_row + j, mask=mask, other=0.0).to(tl.float32)
@@ -288,10 +281,8 @@ def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: t
         _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0), gam.stride(0), BLOCK=1024)
         return S
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)
-    if dtype == acc:
-        return lg.mul_(A.unsqueeze(1)).flatten(0, 1)
-    return torch.mul(lg, A.unsqueeze(1), out=torch.empty(lg.shape, dtype=dtype, device=lg.device)).flatten(0, 1)
+    lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)  # times A, rounded once to dtype (in place if dtype is acc)
+    return torch.mul(lg, A.unsqueeze(1), out=lg if dtype == acc else torch.empty_like(lg, dtype=dtype)).flatten(0, 1)
 
 
 def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float):
@@ -299,8 +290,7 @@ def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torc
     (r, n), d = lam.shape, gam.shape[1]
     if _use_triton(dS, A, gam, lam):
         blocks = triton.cdiv(d, 256)
-        dgam = torch.empty(n, d, dtype=torch.float32, device=dS.device)
-        part = torch.empty(r, n, blocks, dtype=torch.float32, device=dS.device)
+        dgam, part = (torch.empty(shape, dtype=torch.float32, device=dS.device) for shape in ((n, d), (r, n, blocks)))
         args = (dS, A, lam, gam, dgam, part, r, n, d, dS.stride(0), A.stride(0), gam.stride(0), scaling)
         _scale_grads_kernel[(n, blocks)](*args, BLOCK=256)
         return part.sum(-1), dgam
@@ -340,8 +330,7 @@ class _Call(NamedTuple):
 @functools.lru_cache(maxsize=4096)  # a layer's backward asks for the same few (N, ...) every step
 def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool):
     """The cheapest exact backward (docs/MATH.md#cost-model): ``dX`` via ``"W'"`` or ``"factorized"``, ``dS`` via ``"G"`` or ``"factorized"``."""
-    D, d = max(out_f, in_f), min(out_f, in_f)
-    build, fact, G, shared = D * d * rn, N * rn * (D + d), N * D * d + D * d * rn, N * D * rn if out_f >= in_f else 0
+    build, fact, G, shared = out_f * in_f * rn, N * rn * (out_f + in_f), (N + rn) * out_f * in_f, N * out_f * rn if out_f >= in_f else 0
 
     def cost(dx: str, ds: str) -> int:
         dx_cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
@@ -352,18 +341,15 @@ def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_
 
 def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
     """The token count from which building ``W'`` is the cheaper forward: ``D d rn < N rn (D + d)``."""
-    D, d = max(out_f, in_f), min(out_f, in_f)
-    return {"build": 0, "factorized": sys.maxsize}.get(strategy, D * d // (D + d) + 1)
+    return {"build": 0, "factorized": sys.maxsize}.get(strategy, out_f * in_f // (out_f + in_f) + 1)
 
 
+@dataclasses.dataclass(eq=False, slots=True)
 class _WeightMemo:
     """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds it."""
 
-    __slots__ = ("entry", "hold")
-
-    def __init__(self) -> None:
-        self.entry: tuple[tuple, torch.Tensor] | None = None
-        self.hold = False
+    entry: tuple[tuple, torch.Tensor] | None = None
+    hold: bool = False
 
     def __deepcopy__(self, memo: dict) -> "_WeightMemo":
         return _WeightMemo()  # a copy of the model never shares a held W'
@@ -392,21 +378,19 @@ class RandLoraFunction(torch.autograd.Function):
             Wp = call.memo.get(call.key) if call.memo is not None else None
             if Wp is None:
                 owned = call.unpack is not None
-                S = _small_basis(lam, gam, A_, dtype)
-                Wp = _adapted_weight(call.unpack() if owned else W, S, Bf_, p.scaling, p.out_ge_in, owned)
+                Wp = _adapted_weight(call.unpack() if owned else W, _small_basis(lam, gam, A_, dtype), Bf_, p.scaling, p.out_ge_in, owned)
                 if call.keep:
                     call.memo.entry = (call.key, Wp)
             y = F.linear(x, Wp, bias)
         else:
-            y = F.linear(x, W, bias) if W is not None else None
             if p.out_ge_in:  # (x S^T) Bf^T: S carries lam and gam, so x S^T is already small
                 lhs, rhs = x @ _small_basis(lam, gam, A_, dtype).t(), Bf_.t()
             else:  # (x Bf diag(lam)) S': x Bf alone overflows fp16 sooner than x W^T
                 lhs, rhs = x @ (Bf_ * _as(lam.detach().flatten(), dtype)), _small_basis(torch.ones_like(lam), gam, A_, dtype)
-            if y is None:
-                y = torch.mm(lhs, rhs).mul_(p.scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=p.scaling)
+            if W is not None:
+                y = F.linear(x, W, bias).addmm_(lhs, rhs, alpha=p.scaling)
             else:
-                y.addmm_(lhs, rhs, alpha=p.scaling)
+                y = torch.mm(lhs, rhs).mul_(p.scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=p.scaling)
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
         ctx.call, ctx.has_bias = call, bias is not None
         return y
@@ -421,7 +405,7 @@ class RandLoraFunction(torch.autograd.Function):
             y = lambda x, W, lam, gam: F.linear(x, _weight_again(W, lam, gam, A, Bf, c.plan, x.dtype))
             dX, dW, dlam, dgam = _grads_again(y, (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
             return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
-        p, dtype, need_S = c.plan, x.dtype, need_lam or need_gam
+        p, dtype, need_S, s = c.plan, x.dtype, need_lam or need_gam, c.plan.scaling
         dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
         if p.free:
@@ -429,28 +413,30 @@ class RandLoraFunction(torch.autograd.Function):
             dx_route, ds_route = routes(x.shape[0], *p.shape, Wp is not None, need_x, need_S)
         else:
             dx_route, ds_route = ("W'", "G") if c.build else ("factorized", "factorized")
+        fact_x, fact_S = need_x and dx_route == "factorized", need_S and ds_route == "factorized"
         # dX through the factors, or through a W' built here, needs S (and a 4-bit base's W, dequantized again)
-        dx_needs_S = need_x and (dx_route == "factorized" or Wp is None)
-        S = _small_basis(lam, gam, A_, dtype) if dx_needs_S else None
-        W = c.unpack() if dx_needs_S and c.unpack is not None else W
+        S = _small_basis(lam, gam, A_, dtype) if fact_x or (need_x and Wp is None) else None
+        W = c.unpack() if S is not None and c.unpack is not None else W
         dX = dS = G = None
-        if need_x and dx_route == "W'":
-            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, p.scaling, p.out_ge_in, c.unpack is not None))
+        if need_x and not fact_x:
+            dX = dY @ (Wp if Wp is not None else _adapted_weight(W, S, Bf_, s, p.out_ge_in, c.unpack is not None))
         del Wp
-        if need_S and ds_route == "G":
+        if need_S and not fact_S:
             G = dY.t() @ x  # (out, in): full fine-tuning's weight gradient
             dS = Bf_.t() @ (G if p.out_ge_in else G.t())  # (r*n, d), unscaled
-        if (need_x and dX is None) or (need_S and dS is None):
-            dX_f, dS_f = _factorized_grads(x, W, dY, S, Bf_, p.scaling, p.out_ge_in, need_x and dX is None, need_S and dS is None)
-            dX, dS = (dX_f if dX is None else dX), (dS_f if dS is None else dS)
+        dH = dY @ Bf_ if p.out_ge_in and (fact_x or fact_S) else None  # (N, r*n): y += s (x S^T) Bf^T, else s (x Bf) S
+        if fact_x:  # dY W' = dY W + s (dY lhs) rhs, with _adapted_weight's lhs and rhs
+            dL, rhs = (dH, S) if p.out_ge_in else (dY @ S.t(), Bf_.t())
+            dX = torch.mm(dL, rhs).mul_(s) if W is None else torch.addmm(dY @ W, dL, rhs, alpha=s)
+        if fact_S:
+            dS = dH.t() @ x if p.out_ge_in else (x @ Bf_).t() @ dY
         dW = (G if G is not None else dY.t() @ x) if need_W else None
-        dlam, dgam = _scale_grads(dS, lam, gam, A_, p.scaling) if dS is not None else (None, None)
+        dlam, dgam = _scale_grads(dS, lam, gam, A_, s) if dS is not None else (None, None)
         return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
 
 
 def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_adapted_weight` with ``S`` in autograd's own ops (rounded as :func:`_small_basis` rounds), for gradients
-    that differentiate again."""
+    """:func:`_adapted_weight` with ``S`` in autograd's ops (rounded as :func:`_small_basis` rounds): differentiable again."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
     S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
@@ -458,28 +444,11 @@ def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Ten
 
 
 def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
-    """``dy``-weighted gradients of ``f(*inputs)`` for the needed inputs, as a graph, through aliases: hooks on the inputs
-    themselves run once, when the outer backward reaches them."""
+    """``dy``-weighted gradients of ``f(*inputs)``, as a graph, via aliases: hooks on the inputs run once (the outer backward)."""
     alias = [t if t is None else t.view_as(t) for t in inputs]
     y, wanted = f(*alias), [a for a, n in zip(alias, needs) if n]
     got = iter(torch.autograd.grad(y, wanted, _as(dy, y.dtype), create_graph=True, allow_unused=True) if wanted else ())
     return [next(got) if n else None for n in needs]
-
-
-def _factorized_grads(x, W, dY, S, Bf, s: float, out_ge_in: bool, need_x: bool, need_S: bool):
-    """``dX`` ``(N, in)`` and the unscaled ``dS`` ``(r*n, d)`` of the factorized strategy."""
-    dX = dS = None
-    if out_ge_in:  # y += s (x S^T) Bf^T
-        dH = dY @ Bf  # (N, r*n)
-        if need_x:
-            dX = torch.mm(dH, S).mul_(s) if W is None else torch.addmm(dY @ W, dH, S, alpha=s)
-        dS = dH.t() @ x if need_S else None
-    else:  # y += s (x Bf) S
-        if need_x:
-            dU = dY @ S.t()
-            dX = torch.mm(dU, Bf.t()).mul_(s) if W is None else torch.addmm(dY @ W, dU, Bf.t(), alpha=s)
-        dS = (x @ Bf).t() @ dY if need_S else None
-    return dX, dS
 
 
 class AdaptedWeight(torch.autograd.Function):
@@ -502,8 +471,7 @@ class AdaptedWeight(torch.autograd.Function):
         p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
             dlam, dgam = _grads_again(lambda lam, gam: _weight_again(None, lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
-            return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
             dlam, dgam = _scale_grads(Bf_.t() @ (dWp if p.out_ge_in else dWp.t()), lam, gam, A_, p.scaling)
         return (dWp if ctx.needs_input_grad[0] else None), dlam, dgam, None, None, None, None
@@ -1745,19 +1713,30 @@ _PEFT_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "rank_pattern", "a
 def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT 0.21's bases without ``save_projection`` (docs/MATH.md#peft-draws): ``A`` ``(r, d)``, ``B`` ``(D, n, r)`` float32."""
     g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
-    with torch.no_grad():
-        if kind == "dense":
-            draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)
-            A, B = draw(rank, 1, d), torch.cat([draw(D, 1, rank) for _ in range(n)], dim=1)
-        else:
-            p = 1 / (2 * (math.sqrt(d) if kind == "very_sparse" else 3))
-            A, B = ((u > 1 - p).float() - (u < p).float() for u in (torch.rand((rank, 1, d), generator=g), torch.rand((D, n, rank), generator=g)))
-        A, B = A / A.std(), B / B.std()  # in the draw dtype, as PEFT does
+    if kind == "dense":
+        draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)
+        A, B = draw(rank, 1, d), torch.cat([draw(D, 1, rank) for _ in range(n)], dim=1)
+    else:
+        p = 1 / (2 * (math.sqrt(d) if kind == "very_sparse" else 3))
+        A, B = ((u > 1 - p).float() - (u < p).float() for u in (torch.rand((rank, 1, d), generator=g), torch.rand((D, n, rank), generator=g)))
+    A, B = A / A.std(), B / B.std()  # in the draw dtype, as PEFT does
     return A[:, 0].float().contiguous(), B.float().contiguous()
 
 
-def _peft_config(folder: str) -> dict[str, object]:
-    """``adapter_config.json`` of a PEFT RandLoRA folder, each field's type checked and named."""
+def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
+    """The PEFT folder at ``path`` (backup, several adapters, pickles named) and its adapter_config.json, every field checked."""
+    folder = os.fspath(path)
+    if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
+        backup = _backup_path(os.path.realpath(folder))
+        hint = f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup) else ""
+        raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
+    subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
+    pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
+    several = f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""
+    pickle = f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else ""
+    for name, hint in ((PEFT_CONFIG_NAME, several), (PEFT_WEIGHTS_NAME, pickle)):
+        if not os.path.lexists(os.path.join(folder, name)):
+            raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
     file = os.path.join(folder, PEFT_CONFIG_NAME)
     if (st := _stat(file, stat.S_ISREG, "refusing to read anything but a regular file")) is None or st.st_size > 2**24:
         raise ValueError(f"{file} is {'missing' if st is None else 'larger than 16 MB'}: not a PEFT adapter folder")
@@ -1786,32 +1765,15 @@ def _peft_config(folder: str) -> dict[str, object]:
         re.compile(t) if isinstance(t, str) else None
     except (ValueError, RuntimeError, OverflowError, re.error) as e:
         raise ValueError(f"{file}: {e} (r, randlora_alpha, randlora_dropout, projection_prng_key, target_modules)") from None
-    return cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"] else "sparse" if cfg["sparse"] else "dense"}
-
-
-def _peft_folder(path: str | os.PathLike) -> str:
-    """The PEFT adapter folder at ``path``, with its two files (a crash's backup, several adapters, pickles named)."""
-    folder = os.fspath(path)
-    if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
-        backup = _backup_path(os.path.realpath(folder))
-        hint = f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup) else ""
-        raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
-    subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
-    pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
-    several = f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""
-    pickle = f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else ""
-    for name, hint in ((PEFT_CONFIG_NAME, several), (PEFT_WEIGHTS_NAME, pickle)):
-        if not os.path.lexists(os.path.join(folder, name)):
-            raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
-    return folder
+    return folder, cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"] else "sparse" if cfg["sparse"] else "dense"}
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
     """Load a Hugging Face PEFT RandLoRA folder into the plain ``model``, in place, checked as :func:`load_adapter` checks;
     outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
-    folder = _peft_folder(path)
-    cfg, weights = _peft_config(folder), os.path.join(folder, PEFT_WEIGHTS_NAME)
+    folder, cfg = _peft_config(path)
+    weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {draw_dtype!r}")
     if any(True for _ in named_adapters(model)):
@@ -1947,18 +1909,16 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
     A, B = A.reshape(rank, 1, d).contiguous(), Bf.reshape(D, -1, rank).contiguous()
     items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t) for k, t in _file_tensors(layers, {})]
     items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)]
-    items += [(f"{_PEFT}{n}.randlora_{x}", t) for n in layers for x, t in (("A", A), ("B", B))]
+    items += [(f"{s}.randlora_{x}", t) for s in [*(_PEFT + n for n in layers), "base_model"] for x, t in (("A", A), ("B", B))]
     flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
-    _peft_write(path, items + [("base_model.randlora_A", A), ("base_model.randlora_B", B)], "RANDLORA", layers, saved, r=rank,
-                randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
+    _peft_write(path, items, "RANDLORA", layers, saved, r=rank, randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
                 randlora_dropout=first.config.dropout, save_projection=True, **flags)  # fmt: skip
 
 
 def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bool = False) -> dict[str, float]:
     """Export as a PEFT **LoRA** folder: per layer the best rank-``rank`` approximation of ``scaling * ΔW`` (docs/MATH.md#export-to-lora).
     Returns each layer's relative Frobenius error ``||ΔW - ΔW_k|| / ||ΔW||`` (printed with ``verbose``)."""
-    if not (type(rank) is int and rank > 0):
-        raise ValueError(f"rank must be a positive int, got {_short(rank)}")
+    RandLoraConfig(rank=rank)  # the rank check and message of inject's
     layers, saved = _peft_layers(model, "LoRA")
     items, errors = [], {}
     for name, m in layers.items():
