@@ -1393,6 +1393,9 @@ def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple], source: str)
 
 def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping, saved_names: list, adapters: dict) -> None:
     """Refuse a file whose settings, layers, shapes, dropouts or modules to save do not fit the adapted ``model``."""
+    if next(iter(adapters.values()))._bases.stored is not None:
+        raise ValueError(f"{source}: the model's RandLoRA layers use bases loaded from a PEFT folder (from_peft), not seeded "
+                         "ones; load into a plain model, or from_peft again")  # fmt: skip
     for field, ours, theirs in zip(("rank", "alpha", "seed", "bases"), _file_config(adapters).shared, shared.shared):
         if ours != theirs:
             raise ValueError(f"{source}: adapter has {field}={_short(theirs)} but the model's RandLoRA layers have {field}={ours!r}")
@@ -1515,7 +1518,8 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
     try:
         write(new)
         for f in [*(os.path.join(tmp, n) for n in os.listdir(tmp)), tmp]:
-            _fsync(f)
+            if not os.path.islink(f):  # a copied symlink may dangle: its target is not ours to flush
+                _fsync(f)
         if os.path.exists(path):
             shutil.copymode(path, new)
         if folder and os.path.lexists(path):  # a crash between the two renames leaves the old folder at _backup_path
@@ -1775,7 +1779,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     folder, cfg = _peft_config(path)
     weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {draw_dtype!r}")
+        raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {_short(draw_dtype)}")
     if any(True for _ in named_adapters(model)):
         raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
     t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
@@ -1788,6 +1792,10 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     if not found or None in found.values():
         what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
         raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
+    reads = [n for n in found if _weight_reader(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) == "computes"]
+    if reads:
+        raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly (nn.MultiheadAttention, "
+                         "nn.TransformerEncoderLayer), where PEFT's update applies in some modes and not in others: not loadable")  # fmt: skip
     D, d = max(max(f) for f in found.values()), min(max(o for _, o in found.values()), max(i for i, _ in found.values()))
     with _open_safetensors(weights) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
@@ -1844,11 +1852,10 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
     for name, m in layers.items():
-        parent, _, attr = name.rpartition(".")
-        if isinstance(m, RandLoraWeight) or _weight_reader(model.get_submodule(parent), attr) == "computes":
+        if isinstance(m, RandLoraWeight) or m._dropout_refusal:  # a parent, under any of the layer's names, reads its weight
             raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly (nn.MultiheadAttention, "
                              f"nn.TransformerEncoderLayer): PEFT {what} would skip it")  # fmt: skip
-        if not (m.mergeable or _bnb_class(m.base, "Linear8bitLt", "Linear4bit")):
+        if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):  # bitsandbytes' layers are nn.Linear, hooked ones too
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
                              "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip
     for name in saved:
@@ -1869,7 +1876,7 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
     if subs:
         raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); the adapter folder is replaced as a whole and they would be lost")
     config |= {"peft_type": peft_type, "base_model_name_or_path": None, "bias": "none", "inference_mode": True, "task_type": None,
-               "fan_in_fan_out": any(m.layout == "conv1d" for m in layers.values()), "modules_to_save": list(saved) or None,
+               "fan_in_fan_out": any(_is_conv1d(m.base) for m in layers.values()), "modules_to_save": list(saved) or None,
                "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")"}  # fmt: skip
 
     def write(tmp: str) -> None:

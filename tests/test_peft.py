@@ -1102,3 +1102,87 @@ def test_huge_peft_config_string_is_not_echoed(tmp_path):
     msg = assert_refused(model, lambda m: randlora.from_peft(m, folder), ValueError)
     assert_fs_unchanged(tmp_path, fs)
     assert len(msg) < 10_000, f"message of {len(msg)} characters"
+
+
+# =============================================================================
+# Layers whose parent reads the weight, hooked layers, bounded messages (a fifth hostile review)
+
+
+class EncoderAndAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.enc(x)
+        return self.mha(h, h, h, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("targets", [["mha.out_proj"], ["linear1", "linear2"]])
+def test_from_peft_refuses_a_layer_whose_parent_reads_its_weight(targets, tmp_path):
+    """PEFT's update on MHA's out_proj or an encoder layer's linear1/linear2 applies in some modes and not in others
+    (the parent reads .weight, its fast path skips the call): from_peft refuses, as to_peft does; model unchanged."""
+    torch.manual_seed(0)
+    base = EncoderAndAttention().eval()
+    pm = get_peft_model(copy.deepcopy(base), RandLoraConfig(r=4, target_modules=targets, randlora_alpha=8))
+    pm.save_pretrained(str(tmp_path))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"parent reads its weight directly") as info:
+        randlora.from_peft(base, tmp_path)
+    assert str(tmp_path) in str(info.value)
+    assert not list(randlora.named_adapters(base))
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match=r"draw_dtype must be") as info:
+        randlora.from_peft(base, tmp_path, draw_dtype="x" * 100_000)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("export", ["to_peft", "to_lora"])
+def test_a_hooked_linear_exports_and_peft_computes_what_we_compute(export, tmp_path):
+    """A forward hook on an adapted nn.Linear (accelerate installs such hooks): PEFT wraps the layer and runs the hook
+    too, so the export is written, and PeftModel.from_pretrained on the hooked base computes what the model computes."""
+
+    def hooked():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        m[0].register_forward_hook(lambda mod, inp, out: out * 2)
+        return m
+
+    model = randlora.inject(hooked(), ["0", "2"], rank=4)
+    for _, layer in randlora.named_adapters(model):
+        with torch.no_grad():
+            layer.lam.normal_()
+    getattr(randlora, export)(model, tmp_path, *((8,) if export == "to_lora" else ()))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ours, theirs = model(x), PeftModel.from_pretrained(hooked(), str(tmp_path)).eval()(x)
+    # to_lora at rank 8 = d is exact up to the SVD's rounding
+    assert (ours - theirs).abs().max() <= (1e-5 if export == "to_peft" else 1e-4) * ours.abs().max()
+
+
+def test_to_peft_keeps_a_dangling_symlink_in_the_folder_it_replaces(tmp_path):
+    """The folder is rewritten with its other entries; a symlink among them may point nowhere (it is not flushed)."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(8, 8)), ["0"], rank=4)
+    folder = tmp_path / "adapter"
+    randlora.to_peft(model, folder)
+    os.symlink(tmp_path / "nowhere", folder / "README.link")
+    with torch.no_grad():
+        model[0].lam.normal_()
+    randlora.to_peft(model, folder)
+    assert os.readlink(folder / "README.link") == str(tmp_path / "nowhere")
+    assert torch.equal(load_file(str(folder / randlora.PEFT_WEIGHTS_NAME))["base_model.model.0.randlora_lambda"], model[0].lam)
+
+
+def test_loading_a_randlora_file_into_a_from_peft_model_names_the_file(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8))
+    get_peft_model(copy.deepcopy(base), RandLoraConfig(r=4, target_modules=["0"])).save_pretrained(str(tmp_path / "peft"))
+    ours = randlora.inject(copy.deepcopy(base), ["0"], rank=4)
+    randlora.save_adapter(ours, tmp_path / "a.safetensors")
+    model = randlora.from_peft(copy.deepcopy(base), tmp_path / "peft")
+    with pytest.raises(ValueError, match="bases loaded from a PEFT folder") as info:
+        randlora.load_adapter(model, tmp_path / "a.safetensors")
+    assert str(tmp_path / "a.safetensors") in str(info.value)
