@@ -535,16 +535,13 @@ class RandLoraAdapter(nn.Module):
     scaling = property(lambda self: self.config.scaling)
     strategy = property(lambda self: self.config.strategy, lambda self, v: self.set_config(dataclasses.replace(self.config, strategy=v)))
 
-    def _retired_path(self, value: object = None) -> None:
-        raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
-
-    path = property(_retired_path, _retired_path)
+    path = property(None, lambda self, value: self.__getattr__("path"))  # retired: reading it lands in __getattr__ too
 
     def __getattr__(self, name: str):
         # A property's AttributeError lands here, where nn.Module's would replace its message.
         if name == "path":
-            self._retired_path()
-        if name == "weight" and self.__dict__.get("shows", "") is None:
+            raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
+        if name == "weight" and self.shows is None:
             raise AttributeError(f"RandLoraLinear {_short(self.name)} wraps a {type(self.base).__name__} with its own forward: code "
                                  "that reads its .weight would compute without the adapter (call the layer instead)")  # fmt: skip
         return super().__getattr__(name)
@@ -590,12 +587,10 @@ class RandLoraAdapter(nn.Module):
         # .half() / .to(dtype) cast the base, but lam/gam and their grads stay float32 with the values from before
         before = [(p.data, None if p.grad is None else p.grad.data) for p in (self.lam, self.gam)]
         super()._apply(fn, recurse)
-        keep = lambda old, new: old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta else new.float()
-        for p, (old, old_grad) in zip((self.lam, self.gam), before):
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = keep(old, p.data)
-                if p.grad is not None:
-                    p.grad = keep(old_grad, p.grad)
+        for p, olds in zip((self.lam, self.gam), before):
+            for attr, old in zip(("data", "grad"), olds):
+                if (new := getattr(p, attr)) is not None and new.is_floating_point() and new.dtype != torch.float32:
+                    setattr(p, attr, old.to(new.device) if old.dtype == torch.float32 and not old.is_meta else new.float())
         if before[0][0].is_meta and not self.lam.is_meta:
             self.reset_parameters()  # built on meta, then to_empty(): no values to keep, start from ΔW = 0
         if "_plan" in self.__dict__:
@@ -603,7 +598,7 @@ class RandLoraAdapter(nn.Module):
         return self
 
     def _refuse_training_merged(self) -> None:
-        if self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
+        if self.merged and self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
             raise RuntimeError(f"layer {_short(self.name)} is merged: lam/gam are not used by a merged forward and would get no "
                                "gradient. Call randlora.unmerge(model) before training, or model.eval() for inference.")  # fmt: skip
 
@@ -641,15 +636,12 @@ class RandLoraAdapter(nn.Module):
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         w.copy_((w.to(acc) + sign * self.delta_weight(acc, lam, gam).to(w.device)).to(w.dtype))
 
-    # While merged, the state dict says so ("<layer>._extra_state" = [1, lam, gam as merged]; absent otherwise): a merged
-    # base weight is never loaded as an unmerged one.
-    def get_extra_state(self) -> torch.Tensor:
-        lam, gam = self._merged_params if self.merged else (torch.zeros(0), torch.zeros(0))
-        return torch.cat([torch.full((1,), float(self.merged)), lam.float().cpu().flatten(), gam.float().cpu().flatten()])
-
-    def set_extra_state(self, state: object) -> None:
-        params = self._parse_merge_state(state)
-        self._merged_params, self.merged = params, params is not None
+    # While merged, the state dict says so ("<layer>._extra_state" = [1, lam, gam as merged]): never loaded as unmerged.
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            lam, gam = self._merged_params
+            destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), lam.float().cpu().flatten(), gam.float().cpu().flatten()])
 
     def _parse_merge_state(self, state: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged."""
@@ -666,24 +658,18 @@ class RandLoraAdapter(nn.Module):
         flat = state.detach().to(self.lam.device, torch.float32)
         return flat[1 : 1 + r * n].reshape(r, n).clone(), flat[1 + r * n :].reshape(n, d).clone()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.merged:  # unmerged state dicts keep the keys they always had
-            destination.pop(prefix + "_extra_state", None)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key, self._memo.entry = prefix + "_extra_state", None
-        if key in state_dict:
-            self._parse_merge_state(state_dict[key])  # refuse before this layer changes
+        params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # refused before this layer changes
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if key not in state_dict:
-            if key in missing:
-                missing.remove(key)
-            if self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict:
-                self._merged_params, self.merged = None, False  # the weight loaded is an unmerged one
-            elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
-                self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
-                self.merge()
+        if key in unexpected:
+            unexpected.remove(key)
+        # what was loaded decides: its merge state, or none beside a base weight (an unmerged one)
+        if key in state_dict or (self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict):
+            self._merged_params, self.merged = params, params is not None
+        elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
+            self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
+            self.merge()
 
     def delta_weight(self, dtype: torch.dtype = torch.float32, lam=None, gam=None) -> torch.Tensor:
         """``scaling * ΔW`` ``(out, in)`` in ``dtype``, computed in float32 (float64 for float64), without grad."""
@@ -745,8 +731,7 @@ class RandLoraLinear(RandLoraAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            if self.merged:
-                self._refuse_training_merged()
+            self._refuse_training_merged()
             return self.base(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected floating "
@@ -762,25 +747,21 @@ class RandLoraLinear(RandLoraAdapter):
         unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
         # the base's own call where hooks were set after inject, or for x not in W's dtype without autocast (it raises)
         ok = self.mergeable and (amp or x.dtype == base.weight.dtype) or unpack is not None
-        fused = ok and adt == dtype and not drop and not _own_call(base)
-        if fused:  # the base matmul runs inside the function
-            W, b = base.weight, base.bias
-            call = _Call(p, build, *self._memo_args(build, W, dtype), unpack)
-            W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, dtype)
-            y = RandLoraFunction.apply(_as(x2, dtype), W, None if b is None else _as(b, dtype), self.lam, self.gam, A, Bf, call)
+        fused = ok and adt == dtype and not drop and not _own_call(base)  # the base matmul runs inside the function
+        W, b, unpack = (base.weight, base.bias, unpack) if fused else (None, None, None)
+        if build and torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager: W' may wait for backward
+            keep = self._memo.hold or torch._C._current_graph_task_id() != -1  # hold_weights, or a checkpoint recompute
+            call = _Call(p, build, self._memo, _WeightMemo.key(W, self.lam, self.gam, adt), keep, unpack)
+        else:
+            call = _Call(p, build, unpack=unpack)
+        if fused:
+            W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, adt)
+            y = RandLoraFunction.apply(_as(x2, adt), W, None if b is None else _as(b, adt), self.lam, self.gam, A, Bf, call)
             return y.view(*x.shape[:-1], self.out_features)
-        call = _Call(p, build, *self._memo_args(build, None, adt))
         with torch.autocast(p.device_type, enabled=False) if adt != dtype and p.amp else contextlib.nullcontext():
             delta = RandLoraFunction.apply(_as(self.dropout(x2), adt), None, None, self.lam, self.gam, A, Bf, call)
         y = base(x)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
-
-    def _memo_args(self, build: bool, W: torch.Tensor | None, dtype: torch.dtype) -> tuple:
-        """``(memo, key, keep)`` of an eager build forward: a checkpoint recompute, or hold_weights, leaves ``W'`` for backward."""
-        if not build or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None, None, False
-        m = self._memo
-        return m, _WeightMemo.key(W, self.lam, self.gam, dtype), m.hold or torch._C._current_graph_task_id() != -1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -814,8 +795,7 @@ class RandLoraWeight(RandLoraAdapter):
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            if self.merged:
-                self._refuse_training_merged()
+            self._refuse_training_merged()
             return W
         return self.adapted(W)
 
@@ -832,9 +812,8 @@ class RandLoraWeight(RandLoraAdapter):
         keep = {k: v for k, v in vars(cls).items() if k != param}  # a new class: a deepcopy of the owner shares the parametrized one
         owner.__class__ = type(cls.__name__, cls.__bases__, keep) if "parametrizations" in owner._modules else cls.__bases__[0]
         params = dict(owner._parameters, **{param: original})
-        order = [k for k in self._param_order if k in params] + [k for k in params if k not in self._param_order]
-        owner._parameters.clear()
-        owner._parameters.update((k, params[k]) for k in order)
+        owner._parameters.clear()  # back in their order from before; names added since come after
+        owner._parameters.update({k: params[k] for k in self._param_order if k in params} | params)
 
     @staticmethod
     def _state_hook(plist: nn.Module, state_dict, prefix: str, *args) -> None:
