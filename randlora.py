@@ -103,11 +103,12 @@ def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, tor
 
     def draw(shape: tuple[int, int], *key: object) -> torch.Tensor:
         digest = hashlib.blake2b("|".join(map(str, ("randlora", seed, rank, *key))).encode(), digest_size=8).digest()
-        return torch.rand(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1)))
+        seed_ = int.from_bytes(digest, "little") & (2**63 - 1)  # float32 whatever torch's default dtype: the draws never change
+        return torch.rand(shape, generator=torch.Generator().manual_seed(seed_), dtype=torch.float32)
 
-    A = torch.cat([torch.empty(rank, 0), *(draw((rank, _BLOCK), "A", j) for j in range(_num_bases(d, _BLOCK)))], 1)
+    A = torch.cat([torch.empty(rank, 0, dtype=torch.float32), *(draw((rank, _BLOCK), "A", j) for j in range(_num_bases(d, _BLOCK)))], 1)
     n, rows = _num_bases(d, rank) if D else 0, _num_bases(D, _BLOCK) * _BLOCK
-    B = torch.empty(rows, n, rank)
+    B = torch.empty(rows, n, rank, dtype=torch.float32)
     for b, i in ((b, i) for b in range(n) for i in range(rows // _BLOCK)):
         B[i * _BLOCK : (i + 1) * _BLOCK, b] = draw((_BLOCK, rank), "B", b, i)
     return A[:, :d].contiguous(), B[:D].contiguous()
@@ -481,6 +482,8 @@ class AdaptedWeight(torch.autograd.Function):
 # Adapters
 
 _RANK_TOO_LARGE = "rank {} is larger than min(in, out) = {} of layer {} (in_features={}, out_features={})"
+_ON_META = ("layer {}: lam/gam are on the meta device (adapted while on meta, or offloaded), so the update has no values; "
+            "materialize the model first: model.to_empty(device=...), then load its weights")  # fmt: skip
 
 
 class _Views(dict):
@@ -520,8 +523,8 @@ class RandLoraAdapter(nn.Module):
         self.n, self.config, self.name = _num_bases(self.d, config.rank), config, name
         self._bases = _Bases.seeded(config) if bases is None else bases
         self._memo, self.merged, self.disabled, self._merged_params = _WeightMemo(), False, False, None
-        self.lam = nn.Parameter(torch.empty(config.rank, self.n, device=device))
-        self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device))
+        self.lam = nn.Parameter(torch.empty(config.rank, self.n, device=device, dtype=torch.float32))
+        self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device, dtype=torch.float32))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -604,6 +607,8 @@ class RandLoraAdapter(nn.Module):
 
     def adapted(self, W: torch.Tensor) -> torch.Tensor:
         """``W + scaling * ΔW`` in ``W``'s dtype (autocast or not), differentiable in ``W``, lam and gam."""
+        if self._plan.device_type == "meta" and not W.is_meta:
+            raise RuntimeError(_ON_META.format(_short(self.name)))
         p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(_update_dtype(W.dtype)), self._plan)
         with torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type) else contextlib.nullcontext():
             if not self._memo.hold or torch.compiler.is_compiling():
@@ -664,6 +669,8 @@ class RandLoraAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
+        if self.lam.device.type != self._plan.device_type:  # load_state_dict(assign=True) brought lam/gam off the meta device
+            self._replan()
         # what was loaded decides: its merge state, or none beside a base weight (an unmerged one)
         if key in state_dict or (self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict):
             self._merged_params, self.merged = params, params is not None
@@ -737,6 +744,8 @@ class RandLoraLinear(RandLoraAdapter):
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected floating "
                              f"(..., in_features={self.in_features})")  # fmt: skip
         p, dtype, base = self._plan, x.dtype, self.base
+        if p.device_type == "meta" and not x.is_meta:
+            raise RuntimeError(_ON_META.format(_short(self.name)))
         amp = p.amp and torch.is_autocast_enabled(p.device_type)
         if amp and dtype != torch.float64:  # autocast leaves float64 be
             dtype = torch.get_autocast_dtype(p.device_type)
@@ -832,8 +841,8 @@ class SavedModule(nn.Module):
         super().__init__()
         if isinstance(module, (SavedModule, RandLoraAdapter)):
             raise TypeError(f"module {_short(name)} is already a RandLoRA {type(module).__name__}")
+        self.trained = copy.deepcopy(module)  # first: a module deepcopy refuses is left as it was; a tied parameter is copied
         self.original = module.requires_grad_(False)
-        self.trained = copy.deepcopy(module)  # a tied parameter is copied: the other owner keeps its own
         self.name, self.disabled, self.training = name, False, module.training
         self.trainable_()
 

@@ -421,3 +421,25 @@ def test_a_pickled_model_shares_the_bases_again():
     assert loaded[0]._bases is loaded[2]._bases is model[0]._bases
     with tempfile.TemporaryDirectory() as d:
         randlora.to_peft(loaded, os.path.join(d, "p"))
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_bases_and_parameters_do_not_depend_on_torchs_default_dtype(default):
+    """LLM loading code often sets a bf16 default dtype: the seeded bases are the same draws and lam/gam float32, so an
+    adapter saved in one process loads to the same update in another. Each draw is the first of its seed (no cache)."""
+    import gc
+
+    seed = 424242 if default == torch.float64 else 434343  # drawn nowhere else: the first draw happens here
+    layer = lambda kind: randlora.inject(nn.Sequential(nn.Linear(24, 16, dtype=torch.float32)), ["0"], 4, seed, bases=kind)[0]  # noqa
+    for kind in ("dense", "sparse"):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            got = layer(kind)
+            assert got.lam.dtype == got.gam.dtype == torch.float32
+            drawn = got.random_bases()
+        finally:
+            torch.set_default_dtype(previous)
+        del got
+        gc.collect()  # the bases object goes with its last layer: the next one draws again, in float32
+        assert all(torch.equal(a, b) for a, b in zip(drawn, layer(kind).random_bases()))

@@ -1002,3 +1002,26 @@ def test_load_adapter_into_meta_model_refused(tmp_path):
     refused(meta, lambda m: randlora.load_adapter(m, tmp_path / "a.safetensors"), ValueError, "meta")
     meta2 = randlora.inject(copy.deepcopy(meta), ["c_fc", "c_proj"], 6, alpha=12.0)
     refused(meta2, lambda m: randlora.load_adapter(m, tmp_path / "a.safetensors"), ValueError, "meta")
+
+
+def test_a_module_to_save_that_cannot_be_copied_leaves_the_model_as_it_was():
+    """A head keeping its last output (a non-leaf tensor) cannot be deep-copied: the refusal comes before any target is
+    wrapped or any parameter frozen."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.last = nn.Linear(8, 3), None
+
+        def forward(self, x):
+            self.last = self.lin(x)
+            return self.last
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(body=nn.Linear(8, 8), head=Head()))
+    model(torch.randn(2, 8))
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        randlora.inject(model, ["body"], rank=4, modules_to_save=["head"])
+    assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Linear, Head, nn.Linear]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
