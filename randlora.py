@@ -511,7 +511,7 @@ class RandLoraAdapter(nn.Module):
     """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and ``gam``."""
 
     mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
-    _dropout_refusal = ""  # why no dropout can apply here (its parent reads the weight): set by _adapt
+    _dropout_refusal = ""  # why no dropout can apply here (a parent reads the weight): set by _adapt / _build
     __getstate__ = _getstate
 
     def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
@@ -1196,6 +1196,8 @@ def eject(model: nn.Module) -> nn.Module:
         if isinstance(m, RandLoraWeight):
             m.unwrap()
     _replace(model, {id(m): m.base for m in layers if isinstance(m, RandLoraLinear)} | {id(s): s.trained for s in saved})
+    for s in saved:
+        s.trained.requires_grad_(False)  # frozen like the merged layers
     return model
 
 
@@ -1231,7 +1233,8 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
     """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
-    (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``; docs/MATH.md#cost-model)."""
+    (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``; docs/MATH.md#cost-model).
+    A change is seen by the tensors' version counters, which writes through ``.data`` bypass: edit under no_grad."""
     if budget_bytes is not None and not (type(budget_bytes) is int and budget_bytes >= 0):
         raise ValueError(f"budget_bytes must be a non-negative int (bytes) or None, got {_short(budget_bytes)}")
     layers, used = [m for _, m in named_adapters(model)], 0

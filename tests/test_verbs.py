@@ -437,6 +437,16 @@ def test_eject_returns_plain_linears_with_same_outputs():
     assert set(model.state_dict()) == set(fresh_tiny().state_dict())
 
 
+def test_eject_leaves_the_trained_copy_of_a_module_to_save_frozen_too():
+    model = randlora.inject(fresh_tiny(), ["block.0"], rank=2, modules_to_save=["head"])
+    with torch.no_grad():
+        model.head.trained.weight.add_(1.0)
+    trained = model.head.trained
+    randlora.eject(model)
+    assert model.head is trained and torch.equal(model.head.weight, trained.weight)
+    assert not any(p.requires_grad for p in model.parameters())  # the model stays frozen, the trained copy included
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_disable_gives_base_outputs(merged):
     base = fresh_tiny()
