@@ -74,7 +74,7 @@ class RandLoraConfig:
         for ok, what, value in [
             (type(self.rank) is int and self.rank > 0, "rank must be a positive int", self.rank),
             (type(self.seed) is int and self.seed >= 0, "seed must be a non-negative int", self.seed),
-            (a is None or (real(a) and math.isfinite(a) and a > 0), "alpha must be a positive finite number or None", a),
+            (a is None or (real(a) and 0 < a <= sys.float_info.max), "alpha must be a positive finite number or None", a),
             (real(p) and 0 <= p < 1, "dropout must be in [0, 1)", p),
             (isinstance(self.bases, str) and self.bases in BASES_KINDS, f"bases must be one of {BASES_KINDS}", self.bases),
             (isinstance(self.strategy, str) and self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}", self.strategy),
@@ -169,6 +169,7 @@ class _Bases:
     def _sparsity(self, width: int) -> float:
         return 3.0 if self.kind == "sparse" else math.sqrt(width)  # a ternary entry is non-zero with probability 1/s
 
+    @torch.inference_mode(False)  # cached copies made inside inference_mode would be unusable for training ever after
     def get(self, D: int, d: int, device, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (sparsity of ``width``, else ``d``)."""
         s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
@@ -357,14 +358,17 @@ class _WeightMemo:
 
     @staticmethod
     def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """What ``W'`` depends on: in-place writes bump ``_version``, a new tensor has a new ``data_ptr``."""
-        return (*((t.data_ptr(), t._version) for t in (lam, gam, W) if t is not None), dtype)
+        """What ``W'`` depends on: the tensors themselves (a new one may reuse a freed address), their data and versions."""
+        ts = [t for t in (lam, gam, W) if t is not None]
+        return dtype, [t if t._base is None else t._base for t in ts], [(t.data_ptr(), t._version) for t in ts]
 
     def get(self, key: tuple | None, take: bool = False) -> torch.Tensor | None:
         e = self.entry
         if take and not self.hold:
             self.entry = None
-        return e[1] if key is not None and e is not None and e[0] == key else None
+        if e is None or key is None or e[0][::2] != key[::2] or len(e[0][1]) != len(key[1]):
+            return None
+        return e[1] if all(a is b for a, b in zip(e[0][1], key[1])) else None
 
 
 class RandLoraFunction(torch.autograd.Function):
@@ -669,10 +673,11 @@ class RandLoraAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
-        if self.lam.device.type != self._plan.device_type:  # load_state_dict(assign=True) brought lam/gam off the meta device
+        if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
             self._replan()
         # what was loaded decides: its merge state, or none beside a base weight (an unmerged one)
         if key in state_dict or (self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict):
+            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now (assign=True)
             self._merged_params, self.merged = params, params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
             self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
@@ -732,6 +737,10 @@ class RandLoraLinear(RandLoraAdapter):
         if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):  # tie_weights() assigns lm_head.weight
             if self.merged:
                 raise RuntimeError(f"layer {_short(self.name)} is merged: unmerge(model) before assigning its {name}")
+            old = getattr(self.base, name, None)
+            if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value.shape != old.shape:
+                raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape {tuple(old.shape)}, got "
+                                 f"{tuple(value.shape)}: resize (resize_token_embeddings, ...) before inject")  # fmt: skip
             setattr(self.base, name, value)
         else:
             super().__setattr__(name, value)
@@ -841,8 +850,8 @@ class SavedModule(nn.Module):
         super().__init__()
         if isinstance(module, (SavedModule, RandLoraAdapter)):
             raise TypeError(f"module {_short(name)} is already a RandLoRA {type(module).__name__}")
-        self.trained = copy.deepcopy(module)  # first: a module deepcopy refuses is left as it was; a tied parameter is copied
-        self.original = module.requires_grad_(False)
+        trained = copy.deepcopy(module)  # first: a module deepcopy refuses is left as it was; a tied parameter is copied
+        self.original, self.trained = module.requires_grad_(False), trained  # in this order: state dict and optimizer order
         self.name, self.disabled, self.training = name, False, module.training
         self.trainable_()
 
@@ -1064,10 +1073,10 @@ def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Mo
     return slots
 
 
-def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> nn.Module:
-    """The adapted checked target ``name``: a RandLoraLinear, or the nn.MultiheadAttention itself, its projections adapted inside."""
+def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> dict[int, nn.Module]:
+    """``{id(old): new}`` for the checked target ``name``: a RandLoraLinear; an MHA's input projection is adapted in place."""
     if not isinstance(module, nn.MultiheadAttention):
-        return RandLoraLinear(module, config, name, bases=bases)
+        return {id(module): RandLoraLinear(module, config, name, bases=bases)}
     order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
     why = _no_dropout(module, "out_proj", module.out_proj)  # before a parametrization renames the class
     for param in _mha_weights(module):
@@ -1077,9 +1086,9 @@ def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases |
         a._slot = (module, param)
         module.parametrizations.train(module.training)
         module.parametrizations[param].register_load_state_dict_pre_hook(RandLoraWeight._state_hook)
-    module.out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
-    module.out_proj._dropout_refusal = why
-    return module
+    out_proj = RandLoraLinear(module.out_proj, config, f"{name}.out_proj", bases=bases)
+    out_proj._dropout_refusal = why
+    return {id(module.out_proj): out_proj}  # _build puts it wherever out_proj is held, under any name
 
 
 # -----------------------------------------------------------------------------
@@ -1130,8 +1139,16 @@ def inject(
 
 def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved, bases: _Bases | None = None) -> None:
     """Adapt checked targets (largest first: the shared bases are drawn once) and wrap the modules to save."""
-    copies = {id(m): SavedModule(m, name) for name, m in saved}  # first: a module deepcopy refuses fails before any target changes
-    new = {id(m): _adapt(n, m, c, bases) for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1])))}
+    flags = [(p, p.requires_grad) for _, m in saved for p in m.parameters()]
+    try:  # first: a module deepcopy refuses fails before any target or flag changes
+        copies = {id(m): SavedModule(m, name) for name, m in saved}
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    new = {}
+    for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1]))):
+        new |= _adapt(n, m, c, bases)
     for parent, attr, m in _replace(model, new | copies):
         if isinstance(m, RandLoraLinear) and not m._dropout_refusal:  # a parent under any of its names may read the weight
             m._dropout_refusal = _no_dropout(parent, attr, m)
@@ -1255,8 +1272,9 @@ def summary(model: nn.Module) -> str:
     """A table of the adapted layers and saved modules, then the exact count of trainable parameters and their share."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     adapters, head = list(named_adapters(model)), ("layer", "out x in", "bases", "trainable")
-    rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), f"{m.lam.numel() + m.gam.numel():,}") for n, m in adapters)]
-    rows += [(f"{n} (saved in full)", "-", "-", f"{sum(p.numel() for p in s.trained.parameters()):,}") for n, s in _saved_modules(model).items()]
+    count = lambda ps: f"{sum(p.numel() for p in ps if p.requires_grad):,}"  # noqa: E731  (a row agrees with the total)
+    rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), count((m.lam, m.gam))) for n, m in adapters)]
+    rows += [(f"{n} (saved in full)", "-", "-", count(s.trained.parameters())) for n, s in _saved_modules(model).items()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if adapters:

@@ -257,3 +257,8 @@ def test_direct_randloralinear_freezes_its_base_and_an_unfrozen_W_gets_the_full_
     y.backward(dY)
     assert_close(y, x @ (base_weight64(layer) + ref_layer_delta(layer)).t() + layer.base.bias.detach(), 1e-12, what="y")
     assert_close(layer.base.weight.grad, dY.t() @ x, 1e-12, what="dW")  # W' = W + s ΔW: dW' / dW is the identity
+
+
+def test_a_huge_integer_alpha_is_refused_by_the_config_not_by_float():
+    with pytest.raises(ValueError, match=r"alpha must be a positive finite number or None, got 1000.*\(401 characters\)"):
+        randlora.RandLoraConfig(rank=4, alpha=10**400)

@@ -1163,3 +1163,36 @@ def test_a_model_adapted_on_meta_refuses_real_inputs_until_materialized_and_load
         model(x)
     model.load_state_dict(state, assign=True)
     assert torch.equal(model(x), source(x))
+
+
+def test_a_weight_of_another_shape_is_refused_naming_the_layer():
+    """tie_weights() assigns lm_head.weight through the adapter; a weight of another shape (a resized vocabulary)
+    would leave the adapter's update the wrong size: refused before anything changes."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(32, 50)), ["0"], rank=4)
+    before = model[0].base.weight
+    with pytest.raises(ValueError, match=r"layer '0' is adapted for a weight of shape \(50, 32\), got \(60, 32\)"):
+        model[0].weight = nn.Parameter(torch.randn(60, 32))
+    assert model[0].base.weight is before
+    model[0].weight = same = nn.Parameter(torch.randn(50, 32))
+    assert model[0].base.weight is same
+
+
+def test_a_merged_state_dict_loads_with_assign_into_a_model_built_on_meta_and_unmerges():
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 24))  # noqa: E731
+    source = randlora.inject(make(), ["0"], rank=4)
+    with torch.no_grad():
+        source[0].lam.normal_()
+    x, plain = torch.randn(3, 16), source[0].base.weight.detach().clone()
+    randlora.merge(source)
+    with torch.device("meta"):
+        model = make()
+    randlora.inject(model, ["0"], rank=4)
+    model.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        assert model[0].merged and torch.equal(model(x), source(x))
+    randlora.unmerge(model)
+    randlora.unmerge(source)  # the same subtraction from the same merged weight: bit for bit
+    assert torch.equal(model[0].base.weight, source[0].base.weight)
+    assert_close(model[0].base.weight, plain, 0, atol=1e-6 * model[0].delta_weight().abs().max().item())

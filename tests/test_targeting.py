@@ -1025,3 +1025,20 @@ def test_a_module_to_save_that_cannot_be_copied_leaves_the_model_as_it_was():
         randlora.inject(model, ["body"], rank=4, modules_to_save=["head"])
     assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Linear, Head, nn.Linear]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+
+
+def test_an_mha_out_proj_held_under_a_second_name_is_the_adapted_one_there_too():
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2)
+            self.proj = self.att.out_proj
+
+        def forward(self, x):
+            return self.att(x, x, x)[0] + self.proj(x)
+
+    torch.manual_seed(0)
+    model = randlora.inject(Enc(), ["att"], rank=2)
+    assert model.proj is model.att.out_proj and isinstance(model.proj, randlora.RandLoraLinear)
+    randlora.eject(model)
+    assert model.proj is model.att.out_proj and type(model.proj) is nn.modules.linear.NonDynamicallyQuantizableLinear

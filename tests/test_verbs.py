@@ -972,3 +972,80 @@ def test_copy_or_pickle_inside_disable_is_refused(merged):
     with torch.no_grad():
         assert torch.equal(twin(x), y) and torch.equal(model(x), y)
     assert all(m.merged == merged and not m.disabled for _, m in randlora.named_adapters(twin))
+
+
+# =============================================================================
+# A sixth review: caches keyed by identity, inference mode, modules to save kept in order
+
+
+def test_hold_weights_never_serves_the_w_of_a_tensor_that_reused_a_freed_address():
+    """A new nn.Parameter assigned to the base weight or lam may land where a freed one was, at version 0: the held
+    W' is keyed by the tensors themselves, so the layer computes with the new values every time."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(64, 64)), ["0"], rank=8, strategy="build")
+    layer, x = model[0], torch.randn(8, 64)
+    with torch.no_grad():
+        layer.lam.normal_(0, 0.1)
+
+    def new(i: int) -> None:
+        if i % 2:
+            layer.lam = nn.Parameter(torch.randn(layer.lam.shape))
+        else:
+            layer.base.weight = nn.Parameter(torch.randn(64, 64), requires_grad=False)
+
+    with randlora.hold_weights(model):
+        for i in range(40):
+            new(i)
+            model(x)  # holds W' of these tensors
+            new(i)
+            new(i)  # often at the address the first one had, freed by the second
+            want = x.double() @ (base_weight64(layer) + ref_layer_delta(layer)).t() + layer.base.bias.double()
+            assert_close(model(x), want, 1e-5, what=f"step {i}")
+
+
+def test_inference_mode_leaves_the_shared_bases_usable_for_training():
+    """Bases first materialized inside torch.inference_mode (an eval pass, or a serving model adapted there) are
+    cached for every model of the same settings: they must be normal tensors, or training anywhere fails."""
+    net = lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))  # noqa: E731
+    x = torch.randn(4, 16)
+    model = randlora.inject(net(), ["0", "2"], rank=4, seed=31)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().sum().backward()
+    with torch.inference_mode():
+        serving = randlora.inject(net(), ["0", "2"], rank=2, seed=37)
+    trained = randlora.inject(net(), ["0", "2"], rank=2, seed=37)
+    trained(x).sum().backward()
+    assert serving[0]._bases is trained[0]._bases and trained[0].lam.grad is not None
+
+
+def test_modules_to_save_keep_original_before_trained():
+    """The state dict and parameter order of a module to save (an optimizer's state is matched by order)."""
+    model = randlora.inject(fresh_tiny(), ["block.0"], rank=2, modules_to_save=["head"])
+    assert list(model.head._modules) == ["original", "trained"]
+    names = [n for n in model.state_dict() if n.startswith("head.")]
+    assert names == sorted(names, key=lambda n: "trained" in n)
+
+
+def test_a_refused_copy_of_one_module_to_save_leaves_every_flag_as_it_was():
+    class NoCopy(nn.Linear):
+        def __deepcopy__(self, memo):
+            raise TypeError("cannot deepcopy NoCopy")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), NoCopy(8, 8), nn.Linear(8, 8))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="cannot deepcopy NoCopy"):
+        randlora.inject(model, ["3"], rank=2, modules_to_save=["1", "2"])
+    assert [type(m) for m in model] == [nn.Linear, nn.LayerNorm, NoCopy, nn.Linear]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_summary_rows_count_what_trains():
+    model = randlora.inject(fresh_tiny(), ["block.0", "head"], rank=2)
+    model.block[0].lam.requires_grad_(False)
+    text = randlora.summary(model)
+    rows = [int(line.split()[-1].replace(",", "")) for line in text.splitlines()[2:-1]]
+    total = int(text.splitlines()[-1].split()[2].replace(",", ""))
+    assert sum(rows) == total == sum(p.numel() for p in model.parameters() if p.requires_grad)
