@@ -76,6 +76,9 @@ def main() -> None:
             for method in args.methods.split(","):
                 r = dict(shape=name, method=method, rep=rep, **measure(spec, info, method, args))
                 runs.append(r)
+                if args.json:  # after every run: a call's time limit keeps the runs so far
+                    with open(args.json, "w") as f:
+                        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, runs=runs), f, indent=1)
                 print(f"{name} {method} rep{rep}: wall {r['wall_ms']:.2f} ms, GPU busy {r['busy_ms']:.2f} ms "
                       f"({r['busy_ms'] / r['wall_ms']:.2f}), {r['launches']:.0f} launches", flush=True)
     print(f"\n## profile_small: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights; median of {args.reps} runs")
@@ -90,9 +93,6 @@ def main() -> None:
     for r in runs[-len(args.methods.split(",")) :]:
         print(f"\n# CPU self time per step under the profiler, {r['shape']} {r['method']} (ms, calls):")
         print("\n".join(f"  {k}: {t} ms, {c}" for k, t, c in r["top_cpu"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, runs=runs), f, indent=1)
 
 
 if __name__ == "__main__":
