@@ -613,6 +613,9 @@ class RandLoraAdapter(nn.Module):
         """``W + scaling * ΔW`` in ``W``'s dtype (autocast or not), differentiable in ``W``, lam and gam."""
         if self._plan.device_type == "meta" and not W.is_meta:
             raise RuntimeError(_ON_META.format(_short(self.name)))
+        if W.shape != (self.out_features, self.in_features):  # e.g. resize_token_embeddings swapped a tied weight's .data
+            raise ValueError(f"layer {_short(self.name)}: its weight is now {tuple(W.shape)}, but it was adapted as "
+                             f"{(self.out_features, self.in_features)}: resize (resize_token_embeddings, ...) before inject")  # fmt: skip
         p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(_update_dtype(W.dtype)), self._plan)
         with torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type) else contextlib.nullcontext():
             if not self._memo.hold or torch.compiler.is_compiling():
@@ -961,13 +964,19 @@ def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
     return f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it" if _weight_reader(parent, attr) == "computes" else ""
 
 
-def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
-    """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
-    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
-    holders = {}  # every (parent, attribute) holding a module: a module under two names is checked under each
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every ``(parent, attribute)`` holding each module: a module under two names is checked under each."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for p in model.modules():
         for a, child in p._modules.items():
             holders.setdefault(id(child), []).append((p, a))
+    return holders
+
+
+def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
+    """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
+    holders = _holders(model)
     for name, module in found:
         mha, kind, shapes, config = isinstance(module, nn.MultiheadAttention), type(module).__name__, _target_shapes(module), configs[name]
         refuse = f"cannot adapt {_short(name)}: "
@@ -995,6 +1004,9 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
         plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
         if mha and not (plain_in and _classify(module.out_proj)[0] == "linear"):
             raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
+        if mha and (first := next(n for n, m in model.named_modules() if m is module.out_proj)) != f"{name}.out_proj":
+            raise ValueError(refuse + f"its out_proj is first held as {_short(first)}, the name files would give its adapter, from "
+                             "which a load cannot rebuild the attention: register the attention module before that alias")  # fmt: skip
         shows = None if mha else _classify(module)[1]
         for parent, attr in holders[id(module)]:
             reader = _weight_reader(parent, attr)
@@ -1801,7 +1813,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     if not found or None in found.values():
         what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
         raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
-    reads = [n for n in found if _weight_reader(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) == "computes"]
+    holders = _holders(model)  # a parent under any of the layer's names
+    reads = [n for n in found if any(_weight_reader(p, a) == "computes" for p, a in holders[id(model.get_submodule(n))])]
     if reads:
         raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly (nn.MultiheadAttention, "
                          "nn.TransformerEncoderLayer), where PEFT's update applies in some modes and not in others: not loadable")  # fmt: skip

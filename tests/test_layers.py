@@ -1196,3 +1196,13 @@ def test_a_merged_state_dict_loads_with_assign_into_a_model_built_on_meta_and_un
     randlora.unmerge(source)  # the same subtraction from the same merged weight: bit for bit
     assert torch.equal(model[0].base.weight, source[0].base.weight)
     assert_close(model[0].base.weight, plain, 0, atol=1e-6 * model[0].delta_weight().abs().max().item())
+
+
+def test_a_weight_resized_through_data_is_refused_naming_the_layer_when_read():
+    """resize_token_embeddings swaps a tied weight's .data (no assignment to intercept): a parent reading .weight
+    then gets a refusal naming the layer, not a bare shape error from the update."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(32, 64)), ["0"], rank=4)
+    model[0].base.weight.data = torch.randn(70, 32)
+    with pytest.raises(ValueError, match=r"layer '0': its weight is now \(70, 32\), but it was adapted as \(64, 32\)"):
+        model[0].weight

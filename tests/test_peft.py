@@ -446,8 +446,10 @@ def test_peft_to_ours_to_peft(tmp_path):
     ours = randlora.from_peft(base_model("gpt2"), folder)
     randlora.to_peft(ours, tmp_path / "b")
     a, b = load_file(f"{folder}/{PEFT_W}"), load_file(tmp_path / "b" / PEFT_W)
-    assert a.keys() == b.keys()
+    copy_of_bases = re.compile(r"base_model\.model\..*\.randlora_[AB]")  # per layer: PEFT <= 0.21 writes them, 0.22 not
+    assert {k for k in a if not copy_of_bases.fullmatch(k)} == {k for k in b if not copy_of_bases.fullmatch(k)}
     assert all(torch.equal(a[k].float(), b[k]) for k in a)
+    assert all(torch.equal(b[k], b[f"base_model.randlora_{k[-1]}"]) for k in b if copy_of_bases.fullmatch(k))
     cfg = json.loads((tmp_path / "b" / PEFT_C).read_text())
     assert cfg["sparse"] is True and cfg["very_sparse"] is False and cfg["projection_prng_key"] == 3
 
@@ -496,7 +498,12 @@ def test_to_peft_refusals(tmp_path):
 
 @pytest.fixture
 def good(tmp_path):
-    return make_peft_adapter("mlp", tmp_path / "good", r=7, target_modules=["a", "b", "c"])
+    """PEFT up to 0.21 writes the shared bases at base_model. and a copy per layer; 0.22 only the shared ones. Both
+    layouts are read; this folder holds both, so the refusals about a layer's copy are tested with either PEFT."""
+    folder = make_peft_adapter("mlp", tmp_path / "good", r=7, target_modules=["a", "b", "c"])
+    edit_weights(folder, lambda t: t | {f"base_model.model.{n}.randlora_{x}": t[f"base_model.randlora_{x}"].clone()
+                                        for n in "abc" for x in "AB"})  # fmt: skip
+    return folder
 
 
 def edit_config(folder, **changes) -> None:
@@ -1137,6 +1144,27 @@ def test_from_peft_refuses_a_layer_whose_parent_reads_its_weight(targets, tmp_pa
     with pytest.raises(ValueError, match=r"draw_dtype must be") as info:
         randlora.from_peft(base, tmp_path, draw_dtype="x" * 100_000)
     assert len(str(info.value)) < 300
+
+
+def test_from_peft_refuses_a_layer_an_attention_reads_under_another_name(tmp_path):
+    """target_modules=["proj"], where proj is also an MHA's out_proj: PEFT adapts only the call of proj, the MHA reads
+    the plain weight; ours would adapt both. Refused, as for the MHA's own name."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            att = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.proj, self.att = att.out_proj, att  # proj first: PEFT selects the layer under that name
+
+        def forward(self, x):
+            return self.att(x, x, x, need_weights=False)[0] + self.proj(x)
+
+    torch.manual_seed(0)
+    base = Aliased().eval()
+    get_peft_model(copy.deepcopy(base), RandLoraConfig(r=4, target_modules=["proj"])).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"layer 'proj''s parent reads its weight directly"):
+        randlora.from_peft(base, tmp_path)
+    assert not list(randlora.named_adapters(base))
 
 
 @pytest.mark.parametrize("export", ["to_peft", "to_lora"])

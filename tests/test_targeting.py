@@ -1042,3 +1042,17 @@ def test_an_mha_out_proj_held_under_a_second_name_is_the_adapted_one_there_too()
     assert model.proj is model.att.out_proj and isinstance(model.proj, randlora.RandLoraLinear)
     randlora.eject(model)
     assert model.proj is model.att.out_proj and type(model.proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_an_mha_whose_out_proj_is_first_held_under_an_alias_is_refused():
+    """Files name an adapter by its first name: out_proj's adapter would be saved as the alias, from which a load
+    cannot rebuild the attention. Registered after the attention, the alias is adapted too (the test above)."""
+
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            att = nn.MultiheadAttention(8, 2)
+            self.proj, self.att = att.out_proj, att
+
+    torch.manual_seed(0)
+    refused(Aliased(), lambda m: randlora.inject(m, ["att"], rank=2), ValueError, "out_proj is first held as 'proj'")
