@@ -338,7 +338,9 @@ def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_
         dx_cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
         return dx_cost + ((G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0)) if need_S else 0)
 
-    return min([(dx, ds) for dx in ("W'", "factorized") for ds in ("G", "factorized")], key=lambda route: cost(*route))  # first of the cheapest
+    routes = [(dx, ds) for dx in ("W'", "factorized") for ds in ("G", "factorized")]
+    costs = [cost(*route) for route in routes]  # symbolic under torch.compile with dynamic shapes: no min(key=) there
+    return routes[costs.index(min(costs))]  # the first of the cheapest
 
 
 def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
@@ -1284,7 +1286,7 @@ def summary(model: nn.Module) -> str:
     """A table of the adapted layers and saved modules, then the exact count of trainable parameters and their share."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     adapters, head = list(named_adapters(model)), ("layer", "out x in", "bases", "trainable")
-    count = lambda ps: f"{sum(p.numel() for p in ps if p.requires_grad):,}"  # noqa: E731  (a row agrees with the total)
+    count = lambda ps: f"{sum(p.numel() for p in ps if p.requires_grad):,}"  # what trains: the rows add up to the total
     rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), count((m.lam, m.gam))) for n, m in adapters)]
     rows += [(f"{n} (saved in full)", "-", "-", count(s.trained.parameters())) for n, s in _saved_modules(model).items()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
