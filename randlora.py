@@ -1780,7 +1780,8 @@ def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
         if (isinstance(cfg[k], bool) and kinds is not bool) or not isinstance(cfg[k], kinds):
             raise ValueError(f"{file}: {k} must be {getattr(kinds, '__name__', kinds)}, got {_short(cfg[k])}")
     for k in [k for k in _PEFT_UNSUPPORTED if raw.get(k) not in (None, [], {}, "")] + (["bias"] if cfg["bias"] != "none" else []):
-        raise ValueError(f"{file}: {k}={_short(raw[k])} is not supported by from_peft (bias: only 'none', biases are not trained)")
+        why = " (only 'none': biases are not trained)" if k == "bias" else ""
+        raise ValueError(f"{file}: {k}={_short(raw[k])} is not supported by from_peft{why}")
     t, saved = cfg["target_modules"], cfg["modules_to_save"] or []
     if (isinstance(t, str) and t.lower() == ALL_LINEAR) or not (isinstance(t, str) or (t and all(isinstance(e, str) and e for e in t))):
         raise ValueError(f"{file}: target_modules must list the module names or be a regex (not 'all-linear'), got {_short(t)}")

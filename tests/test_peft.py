@@ -1214,3 +1214,10 @@ def test_loading_a_randlora_file_into_a_from_peft_model_names_the_file(tmp_path)
     with pytest.raises(ValueError, match="bases loaded from a PEFT folder") as info:
         randlora.load_adapter(model, tmp_path / "a.safetensors")
     assert str(tmp_path / "a.safetensors") in str(info.value)
+
+
+def test_from_peft_names_only_the_unsupported_field(good):
+    edit_config(good, layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] is not supported by from_peft") as info:
+        randlora.from_peft(base_model("mlp"), good)
+    assert "bias" not in str(info.value)
