@@ -360,17 +360,16 @@ class _WeightMemo:
 
     @staticmethod
     def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """What ``W'`` depends on: the tensors themselves (a new one may reuse a freed address), their data and versions."""
+        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new tensor takes the id), its data and version."""
         ts = [t for t in (lam, gam, W) if t is not None]
-        return dtype, [t if t._base is None else t._base for t in ts], [(t.data_ptr(), t._version) for t in ts]
+        roots = [t if t._base is None else t._base for t in ts]  # a view (Conv1D's .t()) is a new object per call
+        return dtype, tuple((id(r), t.data_ptr(), t._version) for r, t in zip(roots, ts)), roots
 
     def get(self, key: tuple | None, take: bool = False) -> torch.Tensor | None:
         e = self.entry
         if take and not self.hold:
             self.entry = None
-        if e is None or key is None or e[0][::2] != key[::2] or len(e[0][1]) != len(key[1]):
-            return None
-        return e[1] if all(a is b for a, b in zip(e[0][1], key[1])) else None
+        return e[1] if key is not None and e is not None and e[0][:2] == key[:2] else None
 
 
 class RandLoraFunction(torch.autograd.Function):
@@ -1081,7 +1080,8 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequ
 
 def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
     """Put ``new[id(m)]`` wherever each module ``m`` is, in one scan (a module under two names stays one); the slots filled."""
-    slots = [(parent, attr, new[id(child)]) for parent in model.modules() for attr, child in parent._modules.items() if id(child) in new]
+    holders = _holders(model)
+    slots = [(parent, attr, module) for i, module in new.items() for parent, attr in holders.get(i, [])]
     for parent, attr, module in slots:
         setattr(parent, attr, module)
     return slots
@@ -1520,8 +1520,10 @@ def _fsync(path: str) -> None:
     """Flush ``path`` to disk; a folder that cannot be fsynced (some systems) is let be, a file's failure raises."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        with contextlib.suppress(*[OSError] if os.path.isdir(path) else []):
-            os.fsync(fd)
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 
