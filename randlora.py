@@ -1,10 +1,11 @@
 """RandLoRA: full-rank parameter-efficient fine-tuning, in one file.
 
-A frozen ``y = x W^T + b`` (``W``: ``(out, in)``) gets ``ΔW = Σ_b B_b Λ_b A Γ_b``: random bases ``A`` ``(r, d)``, ``B`` ``(D, n, r)``
-shared by all adapted layers, only the diagonals ``lam`` ``(r, n)`` and ``gam`` ``(n, d)`` trained (``d = min(in, out)``,
-``D = max(in, out)``, ``n = ceil(d / r)``). With ``S[k*n + b, j] = lam[k, b] A[k, j] gam[b, j]`` and ``Bf[:, b*r + k] = B[:, b, k]``:
-``ΔW = Bf S`` (transposed if out < in), ``y = x W^T + b + (alpha / r) x ΔW^T``, as PEFT computes it (docs/MATH.md). Sections:
-config, bases, math and kernels, autograd, adapters, targeting and refusals, verbs, files, Trainer, PEFT and LoRA export.
+A frozen ``y = x W^T + b`` (``W``: ``(out, in)``) gets ``ΔW = Σ_b B_b Λ_b A Γ_b``: random bases ``A`` ``(r, d)``,
+``B`` ``(D, n, r)`` shared by all adapted layers, only the diagonals ``lam`` ``(r, n)`` and ``gam`` ``(n, d)`` trained
+(``d = min(in, out)``, ``D = max(in, out)``, ``n = ceil(d / r)``). With ``S[k*n + b, j] = lam[k, b] A[k, j] gam[b, j]``
+and ``Bf[:, b*r + k] = B[:, b, k]``: ``ΔW = Bf S`` (transposed if out < in), ``y = x W^T + b + (alpha / r) x ΔW^T``,
+as PEFT computes it (docs/MATH.md). Sections: config, bases, math and kernels, autograd, adapters, targeting and
+refusals, verbs, files, Trainer, PEFT and LoRA export.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __version__ = "0.3.0"
 __all__ = [
-    "RandLoraConfig", "RandLoraLinear", "RandLoraWeight", "SavedModule", "inject", "named_adapters", "merge", "unmerge", "eject",
-    "disable", "hold_weights", "mark_only_adapter_as_trainable", "summary", "adapter_state_dict", "load_adapter_state_dict",
-    "save_adapter", "load_adapter", "trainer_class", "trainer_callback", "from_peft", "to_peft", "to_lora",
-]  # fmt: skip
+    "RandLoraConfig", "RandLoraLinear", "RandLoraWeight", "SavedModule", "inject", "named_adapters", "merge", "unmerge",
+    "eject", "disable", "hold_weights", "mark_only_adapter_as_trainable", "summary", "adapter_state_dict",
+    "load_adapter_state_dict", "save_adapter", "load_adapter", "trainer_class", "trainer_callback", "from_peft",
+    "to_peft", "to_lora",
+]
 
 # -----------------------------------------------------------------------------
 # Config
 
-BASES_KINDS, STRATEGIES = ("dense", "sparse", "very_sparse"), ("auto", "build", "factorized")  # MATH.md#two-exact-strategies
+# MATH.md#two-exact-strategies
+BASES_KINDS, STRATEGIES = ("dense", "sparse", "very_sparse"), ("auto", "build", "factorized")
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -58,7 +61,8 @@ def _short_list(items: Sequence[object], limit: int = 10) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RandLoraConfig:
-    """One adapter's settings, validated once (README: API). ``alpha=None`` is ``20 * rank``; the bases come from ``seed``."""
+    """One adapter's settings, validated once (README: API). ``alpha=None`` is ``20 * rank``; the bases come from
+    ``seed``."""
 
     rank: int = 32
     alpha: float | None = None
@@ -74,18 +78,22 @@ class RandLoraConfig:
         for ok, what, value in [
             (type(self.rank) is int and self.rank > 0, "rank must be a positive int", self.rank),
             (type(self.seed) is int and self.seed >= 0, "seed must be a non-negative int", self.seed),
-            (a is None or (real(a) and 0 < a <= sys.float_info.max), "alpha must be a positive finite number or None", a),
+            (a is None or (real(a) and 0 < a <= sys.float_info.max),
+             "alpha must be a positive finite number or None", a),
             (real(p) and 0 <= p < 1, "dropout must be in [0, 1)", p),
-            (isinstance(self.bases, str) and self.bases in BASES_KINDS, f"bases must be one of {BASES_KINDS}", self.bases),
-            (isinstance(self.strategy, str) and self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}", self.strategy),
-        ]:  # fmt: skip
+            (isinstance(self.bases, str) and self.bases in BASES_KINDS,
+             f"bases must be one of {BASES_KINDS}", self.bases),
+            (isinstance(self.strategy, str) and self.strategy in STRATEGIES,
+             f"strategy must be one of {STRATEGIES}", self.strategy),
+        ]:
             if not ok:
                 raise ValueError(f"{what}, got {_short(value)}")
         object.__setattr__(self, "alpha", 20.0 * self.rank if a is None else float(a))
         object.__setattr__(self, "dropout", float(p))
 
     scaling = property(lambda self: self.alpha / self.rank)
-    shared = property(lambda self: (self.rank, self.alpha, self.seed, self.bases))  # what all layers of one adapter share
+    # what all layers of one adapter share
+    shared = property(lambda self: (self.rank, self.alpha, self.seed, self.bases))
 
 
 # -----------------------------------------------------------------------------
@@ -99,14 +107,17 @@ def _num_bases(d: int, rank: int) -> int:
 
 
 def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniforms for ``A`` ``(rank, d)`` and ``B`` ``(D, n, rank)``, each block from a generator seeded by blake2b of its key."""
+    """Uniforms for ``A`` ``(rank, d)`` and ``B`` ``(D, n, rank)``, each block from a generator seeded by blake2b of its
+    key."""
 
     def draw(shape: tuple[int, int], *key: object) -> torch.Tensor:
         digest = hashlib.blake2b("|".join(map(str, ("randlora", seed, rank, *key))).encode(), digest_size=8).digest()
-        seed_ = int.from_bytes(digest, "little") & (2**63 - 1)  # float32 whatever torch's default dtype: the draws never change
+        # float32 whatever torch's default dtype: the draws never change
+        seed_ = int.from_bytes(digest, "little") & (2**63 - 1)
         return torch.rand(shape, generator=torch.Generator().manual_seed(seed_), dtype=torch.float32)
 
-    A = torch.cat([torch.empty(rank, 0, dtype=torch.float32), *(draw((rank, _BLOCK), "A", j) for j in range(_num_bases(d, _BLOCK)))], 1)
+    A = torch.cat([torch.empty(rank, 0, dtype=torch.float32),
+                   *(draw((rank, _BLOCK), "A", j) for j in range(_num_bases(d, _BLOCK)))], 1)
     n, rows = _num_bases(d, rank) if D else 0, _num_bases(D, _BLOCK) * _BLOCK
     B = torch.empty(rows, n, rank, dtype=torch.float32)
     for b, i in ((b, i) for b in range(n) for i in range(rows // _BLOCK)):
@@ -115,7 +126,8 @@ def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, tor
 
 
 def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
-    """Set ``block``'s diagonal (0 or ±1) so that every leading principal minor is odd: LU over GF(2), 62 bits per int64 word."""
+    """Set ``block``'s diagonal (0 or ±1) so that every leading principal minor is odd: LU over GF(2), 62 bits per
+    int64 word."""
     K, WB = block.shape[0], 62
     nw, idx = -(-K // WB), torch.arange(K)
     bits = F.pad((block != 0).to(torch.int64).fill_diagonal_(0), (0, nw * WB - K))
@@ -133,7 +145,8 @@ def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
 
 
 def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` with odd-minor diagonals: ΔW stays full rank (``A`` depends on ``d``)."""
+    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` with odd-minor diagonals: ΔW stays full rank (``A``
+    depends on ``d``)."""
     uA, uB = _uniform_AB(seed, rank, D, d)
     A, B = ((u > 1 - 1 / (2 * s)).to(torch.int8) - (u < 1 / (2 * s)).to(torch.int8) for u in (uA, uB))
     n, start = _num_bases(d, rank), 0
@@ -147,7 +160,8 @@ def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Te
 
 
 class _Bases:
-    """The bases one adapter's layers share, from ``seed`` or ``stored`` (a PEFT file's): one copy per (device, dtype), grown on demand."""
+    """The bases one adapter's layers share, from ``seed`` or ``stored`` (a PEFT file's): one copy per (device, dtype),
+    grown on demand."""
 
     def __init__(self, rank: int, seed: int = 0, kind: str = "dense", stored=None, peft: dict | None = None) -> None:
         self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
@@ -164,23 +178,28 @@ class _Bases:
 
     def scale(self, width: int) -> float | None:
         """The int8 bases' scale ``sqrt(s)`` for a layer of ``width`` (unit variance; float32), None for float bases."""
-        return None if self.kind == "dense" else float(torch.tensor(math.sqrt(self._sparsity(width)), dtype=torch.float32))
+        return (None if self.kind == "dense"
+                else float(torch.tensor(math.sqrt(self._sparsity(width)), dtype=torch.float32)))
 
     def _sparsity(self, width: int) -> float:
         return 3.0 if self.kind == "sparse" else math.sqrt(width)  # a ternary entry is non-zero with probability 1/s
 
     @torch.inference_mode(False)  # cached copies made inside inference_mode would be unusable for training ever after
-    def get(self, D: int, d: int, device, dtype: torch.dtype, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (sparsity of ``width``, else ``d``)."""
+    def get(self, D: int, d: int, device, dtype: torch.dtype,
+            width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's views ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)`` in ``dtype``; int8 for sparse kinds (sparsity of
+        ``width``, else ``d``)."""
         s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
         key = (torch.device(device), dtype if s is None else torch.int8, s)
         hit = self._copies.get(key)  # (A, or None for sparse kinds, whose A is kept per d; B)
         if hit is None or hit[1].shape[0] < D or hit[1].shape[1] < n or (s is None and hit[0].shape[1] < d):
-            D_, d_ = (D, d) if hit is None else (max(D, hit[1].shape[0]), max(d, hit[1].shape[1] * self.rank if s else hit[0].shape[1]))
+            D_, d_ = (D, d) if hit is None else (
+                max(D, hit[1].shape[0]), max(d, hit[1].shape[1] * self.rank if s else hit[0].shape[1]))
             if self.stored is not None:
                 A, B = self.stored
                 if A.shape[1] < d or B.shape[0] < D or B.shape[1] < n:
-                    raise ValueError(f"the stored bases A {tuple(A.shape)}, B {tuple(B.shape)} are too small for D={D}, d={d}")
+                    raise ValueError(f"the stored bases A {tuple(A.shape)}, "
+                                     f"B {tuple(B.shape)} are too small for D={D}, d={d}")
             elif s is None:
                 A, B = ((u * 2 - 1) * math.sqrt(3) for u in _uniform_AB(self.seed, self.rank, D_, d_))
             else:
@@ -204,8 +223,9 @@ class _Bases:
 
 
 # -----------------------------------------------------------------------------
-# Math (docs/MATH.md#the-update, #gradients) and its Triton kernels: on CUDA each elementwise step is one kernel (S written once, dS read once) with
-# the reference's float32 expressions; the reference runs elsewhere (CPU, float64, torch.compile graphs, which inductor fuses, RANDLORA_TRITON=0).
+# Math (docs/MATH.md#the-update, #gradients) and its Triton kernels: on CUDA each elementwise step is one kernel (S
+# written once, dS read once) with the reference's float32 expressions; the reference runs elsewhere (CPU, float64,
+# torch.compile graphs, which inductor fuses, RANDLORA_TRITON=0).
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +233,8 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _update_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an update is computed in: float32 for float16, whose range rounds ``S``'s small entries to subnormals."""
+    """The dtype an update is computed in: float32 for float16, whose range rounds ``S``'s small entries to
+    subnormals."""
     return torch.float32 if dtype == torch.float16 else dtype
 
 
@@ -280,7 +301,8 @@ def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: t
     (r, n), d = lam.shape, gam.shape[1]
     if _use_triton(A, gam, lam):
         S = torch.empty(r * n, d, dtype=dtype, device=A.device)
-        _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0), gam.stride(0), BLOCK=1024)
+        _small_basis_kernel[(r * n, triton.cdiv(d, 1024))](S, lam, A, gam, n, d, S.stride(0), A.stride(0),
+                                                           gam.stride(0), BLOCK=1024)
         return S
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     lg = _as(lam, acc).unsqueeze(2) * _as(gam, acc)  # times A, rounded once to dtype (in place if dtype is acc)
@@ -288,7 +310,8 @@ def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: t
 
 
 def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float):
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32, float64 for float64) from the unscaled ``dS`` ``(r*n, d)``."""
+    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32, float64 for float64) from the unscaled ``dS``
+    ``(r*n, d)``."""
     (r, n), d = lam.shape, gam.shape[1]
     if _use_triton(dS, A, gam, lam):
         blocks = triton.cdiv(d, 256)
@@ -331,12 +354,15 @@ class _Call(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # a layer's backward asks for the same few (N, ...) every step
 def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool):
-    """The cheapest exact backward (docs/MATH.md#cost-model): ``dX`` via ``"W'"`` or ``"factorized"``, ``dS`` via ``"G"`` or ``"factorized"``."""
-    build, fact, G, shared = out_f * in_f * rn, N * rn * (out_f + in_f), (N + rn) * out_f * in_f, N * out_f * rn if out_f >= in_f else 0
+    """The cheapest exact backward (docs/MATH.md#cost-model): ``dX`` via ``"W'"`` or ``"factorized"``, ``dS`` via
+    ``"G"`` or ``"factorized"``."""
+    build, fact, G, shared = (out_f * in_f * rn, N * rn * (out_f + in_f), (N + rn) * out_f * in_f,
+                              N * out_f * rn if out_f >= in_f else 0)
 
     def cost(dx: str, ds: str) -> int:
         dx_cost = ((0 if have_W else build) if dx == "W'" else fact) if need_x else 0
-        return dx_cost + ((G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0)) if need_S else 0)
+        return dx_cost + ((G if ds == "G" else fact - (shared if need_x and dx == "factorized" else 0))
+                          if need_S else 0)
 
     routes = [(dx, ds) for dx in ("W'", "factorized") for ds in ("G", "factorized")]
     costs = [cost(*route) for route in routes]  # symbolic under torch.compile with dynamic shapes: no min(key=) there
@@ -350,7 +376,8 @@ def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _WeightMemo:
-    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds it."""
+    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds
+    it."""
 
     entry: tuple[tuple, torch.Tensor] | None = None
     hold: bool = False
@@ -360,7 +387,8 @@ class _WeightMemo:
 
     @staticmethod
     def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new tensor takes the id), its data and version."""
+        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new tensor takes the id), its data and
+        version."""
         ts = [t for t in (lam, gam, W) if t is not None]
         roots = [t if t._base is None else t._base for t in ts]  # a view (Conv1D's .t()) is a new object per call
         return dtype, tuple((id(r), t.data_ptr(), t._version) for r, t in zip(roots, ts)), roots
@@ -373,8 +401,8 @@ class _WeightMemo:
 
 
 class RandLoraFunction(torch.autograd.Function):
-    """``y = x W^T + b + s x ΔW^T`` ``(N, out)`` keeping nothing but the input for backward (MATH.md#two-exact-strategies);
-    ``W`` None: the caller runs its base and this adds the adapter's term."""
+    """``y = x W^T + b + s x ΔW^T`` ``(N, out)`` keeping nothing but the input for backward
+    (MATH.md#two-exact-strategies); ``W`` None: the caller runs its base and this adds the adapter's term."""
 
     @staticmethod
     def forward(ctx, x, W, bias, lam, gam, A, Bf, call):
@@ -384,7 +412,8 @@ class RandLoraFunction(torch.autograd.Function):
             Wp = call.memo.get(call.key) if call.memo is not None else None
             if Wp is None:
                 owned = call.unpack is not None
-                Wp = _adapted_weight(call.unpack() if owned else W, _small_basis(lam, gam, A_, dtype), Bf_, p.scaling, p.out_ge_in, owned)
+                Wp = _adapted_weight(call.unpack() if owned else W, _small_basis(lam, gam, A_, dtype), Bf_, p.scaling,
+                                     p.out_ge_in, owned)
                 if call.keep:
                     call.memo.entry = (call.key, Wp)
             y = F.linear(x, Wp, bias)
@@ -392,7 +421,8 @@ class RandLoraFunction(torch.autograd.Function):
             if p.out_ge_in:  # (x S^T) Bf^T: S carries lam and gam, so x S^T is already small
                 lhs, rhs = x @ _small_basis(lam, gam, A_, dtype).t(), Bf_.t()
             else:  # (x Bf diag(lam)) S': x Bf alone overflows fp16 sooner than x W^T
-                lhs, rhs = x @ (Bf_ * _as(lam.detach().flatten(), dtype)), _small_basis(torch.ones_like(lam), gam, A_, dtype)
+                lhs, rhs = (x @ (Bf_ * _as(lam.detach().flatten(), dtype)),
+                            _small_basis(torch.ones_like(lam), gam, A_, dtype))
             if W is not None:
                 y = F.linear(x, W, bias).addmm_(lhs, rhs, alpha=p.scaling)
             else:
@@ -415,7 +445,8 @@ class RandLoraFunction(torch.autograd.Function):
         dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
         if p.free:
-            routes = _backward_routes.__wrapped__ if torch.compiler.is_compiling() else _backward_routes  # no cache in a graph
+            # no cache in a graph
+            routes = _backward_routes.__wrapped__ if torch.compiler.is_compiling() else _backward_routes
             dx_route, ds_route = routes(x.shape[0], *p.shape, Wp is not None, need_x, need_S)
         else:
             dx_route, ds_route = ("W'", "G") if c.build else ("factorized", "factorized")
@@ -442,7 +473,8 @@ class RandLoraFunction(torch.autograd.Function):
 
 
 def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_adapted_weight` with ``S`` in autograd's ops (rounded as :func:`_small_basis` rounds): differentiable again."""
+    """:func:`_adapted_weight` with ``S`` in autograd's ops (rounded as :func:`_small_basis` rounds): differentiable
+    again."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
     S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
@@ -450,7 +482,8 @@ def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Ten
 
 
 def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
-    """``dy``-weighted gradients of ``f(*inputs)``, as a graph, via aliases: hooks on the inputs run once (the outer backward)."""
+    """``dy``-weighted gradients of ``f(*inputs)``, as a graph, via aliases: hooks on the inputs run once (the outer
+    backward)."""
     alias = [t if t is None else t.view_as(t) for t in inputs]
     y, wanted = f(*alias), [a for a, n in zip(alias, needs) if n]
     got = iter(torch.autograd.grad(y, wanted, _as(dy, y.dtype), create_graph=True, allow_unused=True) if wanted else ())
@@ -458,8 +491,9 @@ def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> 
 
 
 class AdaptedWeight(torch.autograd.Function):
-    """``W' = W + s ΔW`` ``(out, in)`` for code that reads a weight instead of calling the layer (MHA, T5, the encoder fast
-    path), saving only lam, gam and the bases; ``kept``: this very ``W'`` held by :func:`hold_weights` (returns a copy)."""
+    """``W' = W + s ΔW`` ``(out, in)`` for code that reads a weight instead of calling the layer (MHA, T5, the encoder
+    fast path), saving only lam, gam and the bases; ``kept``: this very ``W'`` held by :func:`hold_weights` (returns a
+    copy)."""
 
     @staticmethod
     def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
@@ -469,14 +503,16 @@ class AdaptedWeight(torch.autograd.Function):
             return kept.clone()
         dt = ctx.dtype  # float16: W' = W + s ΔW in float32, rounded once
         A_, Bf_ = _materialize(A, dt, plan.scale), _materialize(Bf, dt, plan.scale)
-        return _as(_adapted_weight(_as(W, dt), _small_basis(lam, gam, A_, dt), Bf_, plan.scaling, plan.out_ge_in), W.dtype)
+        return _as(_adapted_weight(_as(W, dt), _small_basis(lam, gam, A_, dt), Bf_, plan.scaling, plan.out_ge_in),
+                   W.dtype)
 
     @staticmethod
     def backward(ctx, dWp):
         lam, gam, A, Bf = ctx.saved_tensors
         p, dWp, dlam, dgam = ctx.plan, _as(dWp, ctx.dtype), None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
-            dlam, dgam = _grads_again(lambda lam, gam: _weight_again(None, lam, gam, A, Bf, p, ctx.dtype), (lam, gam), ctx.needs_input_grad[1:3], dWp)
+            dlam, dgam = _grads_again(lambda lam, gam: _weight_again(None, lam, gam, A, Bf, p, ctx.dtype), (lam, gam),
+                                      ctx.needs_input_grad[1:3], dWp)
         elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             A_, Bf_ = _materialize(A, ctx.dtype, p.scale), _materialize(Bf, ctx.dtype, p.scale)
             dlam, dgam = _scale_grads(Bf_.t() @ (dWp if p.out_ge_in else dWp.t()), lam, gam, A_, p.scaling)
@@ -487,8 +523,8 @@ class AdaptedWeight(torch.autograd.Function):
 # Adapters
 
 _RANK_TOO_LARGE = "rank {} is larger than min(in, out) = {} of layer {} (in_features={}, out_features={})"
-_ON_META = ("layer {}: lam/gam are on the meta device (adapted while on meta, or offloaded), so the update has no values; "
-            "materialize the model first: model.to_empty(device=...), then load its weights")  # fmt: skip
+_ON_META = ("layer {}: lam/gam are on the meta device (adapted while on meta, or offloaded), so the update has no "
+            "values; materialize the model first: model.to_empty(device=...), then load its weights")
 
 
 class _Views(dict):
@@ -501,21 +537,24 @@ class _Views(dict):
 def _getstate(self: nn.Module) -> dict:
     """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
     if self.__dict__.get("disabled"):
-        raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy would stay "
-                           "disabled; copy the model outside the context")  # fmt: skip
+        raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy would "
+                           "stay disabled; copy the model outside the context")
     return nn.Module.__getstate__(self)
 
 
 def _check_config(config: object) -> None:
     """Refuse anything but a RandLoraConfig, naming the spelling that works."""
     if not isinstance(config, RandLoraConfig):
-        raise TypeError(f"config must be a RandLoraConfig, e.g. RandLoraConfig(rank=4), got {type(config).__name__} {_short(config)}")
+        raise TypeError("config must be a RandLoraConfig, e.g. RandLoraConfig(rank=4), "
+                        f"got {type(config).__name__} {_short(config)}")
 
 
 class RandLoraAdapter(nn.Module):
-    """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and ``gam``."""
+    """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and
+    ``gam``."""
 
-    mergeable, shows, _merge_weight_key = True, "adapted", None  # the last: the state-dict key, below, that merge writes
+    # the last: the state-dict key, below, that merge writes
+    mergeable, shows, _merge_weight_key = True, "adapted", None
     _dropout_refusal = ""  # why no dropout can apply here (a parent reads the weight): set by _adapt / _build
     __getstate__ = _getstate
 
@@ -534,14 +573,16 @@ class RandLoraAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on the meta device gets at ``to_empty``."""
+        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on the meta device gets at
+        ``to_empty``."""
         self.lam.zero_()
         self.gam.fill_(1 / max(self.n, self.d))
 
     rank = property(lambda self: self.config.rank)
     alpha = property(lambda self: self.config.alpha)
     scaling = property(lambda self: self.config.scaling)
-    strategy = property(lambda self: self.config.strategy, lambda self, v: self.set_config(dataclasses.replace(self.config, strategy=v)))
+    strategy = property(lambda self: self.config.strategy,
+                        lambda self, v: self.set_config(dataclasses.replace(self.config, strategy=v)))
 
     path = property(None, lambda self, value: self.__getattr__("path"))  # retired: reading it lands in __getattr__ too
 
@@ -550,8 +591,9 @@ class RandLoraAdapter(nn.Module):
         if name == "path":
             raise AttributeError(".path was renamed .strategy in 0.2 and removed in 0.3: use .strategy")
         if name == "weight" and self.shows is None:
-            raise AttributeError(f"RandLoraLinear {_short(self.name)} wraps a {type(self.base).__name__} with its own forward: code "
-                                 "that reads its .weight would compute without the adapter (call the layer instead)")  # fmt: skip
+            raise AttributeError(f"RandLoraLinear {_short(self.name)} wraps a {type(self.base).__name__} with "
+                                 "its own forward: code that reads its .weight would compute without the "
+                                 "adapter (call the layer instead)")
         return super().__getattr__(name)
 
     def set_config(self, config: RandLoraConfig) -> None:
@@ -561,7 +603,8 @@ class RandLoraAdapter(nn.Module):
             raise ValueError(f"layer {_short(self.name)} cannot take dropout {config.dropout}: {self._dropout_refusal}")
         if config.shared != self.config.shared or (config.dropout > 0 and "dropout" not in self._modules):
             raise ValueError(f"layer {_short(self.name)} cannot take {config}: (rank, alpha, seed, bases) must stay "
-                             f"{self.config.shared}{', and it takes no dropout' if 'dropout' not in self._modules else ''}")  # fmt: skip
+                             f"{self.config.shared}"
+                             f"{', and it takes no dropout' if 'dropout' not in self._modules else ''}")
         if config != self.config:
             self.config = config
             if "dropout" in self._modules:
@@ -570,9 +613,11 @@ class RandLoraAdapter(nn.Module):
 
     def _replan(self) -> None:
         """Decide once what every call reads: the plan, and this layer's views of the bases for its weight's dtype."""
-        c, device, shape = self.config, self.lam.device, (self.out_features, self.in_features, self.config.rank * self.n)
-        self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d), _build_from(*shape, c.strategy),
-                           c.strategy == "auto", shape, torch.amp.is_autocast_available(device.type), device.type)  # fmt: skip
+        c, device, shape = (self.config, self.lam.device,
+                            (self.out_features, self.in_features, self.config.rank * self.n))
+        self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d),
+                           _build_from(*shape, c.strategy), c.strategy == "auto", shape,
+                           torch.amp.is_autocast_available(device.type), device.type)
         self._views, self._memo.entry = _Views(), None
         self._bases_in(_update_dtype(self._compute_dtype()))
 
@@ -598,7 +643,8 @@ class RandLoraAdapter(nn.Module):
         for p, olds in zip((self.lam, self.gam), before):
             for attr, old in zip(("data", "grad"), olds):
                 if (new := getattr(p, attr)) is not None and new.is_floating_point() and new.dtype != torch.float32:
-                    setattr(p, attr, old.to(new.device) if old.dtype == torch.float32 and not old.is_meta else new.float())
+                    setattr(p, attr, old.to(new.device) if old.dtype == torch.float32 and not old.is_meta
+                            else new.float())
         if before[0][0].is_meta and not self.lam.is_meta:
             self.reset_parameters()  # built on meta, then to_empty(): no values to keep, start from ΔW = 0
         if "_plan" in self.__dict__:
@@ -606,22 +652,28 @@ class RandLoraAdapter(nn.Module):
         return self
 
     def _refuse_training_merged(self) -> None:
-        if self.merged and self.training and torch.is_grad_enabled() and (self.lam.requires_grad or self.gam.requires_grad):
-            raise RuntimeError(f"layer {_short(self.name)} is merged: lam/gam are not used by a merged forward and would get no "
-                               "gradient. Call randlora.unmerge(model) before training, or model.eval() for inference.")  # fmt: skip
+        if (self.merged and self.training and torch.is_grad_enabled()
+            and (self.lam.requires_grad or self.gam.requires_grad)):
+            raise RuntimeError(f"layer {_short(self.name)} is merged: lam/gam are not used by a merged forward and "
+                               "would get no gradient. Call randlora.unmerge(model) before training, or "
+                               "model.eval() for inference.")
 
     def adapted(self, W: torch.Tensor) -> torch.Tensor:
         """``W + scaling * ΔW`` in ``W``'s dtype (autocast or not), differentiable in ``W``, lam and gam."""
         if self._plan.device_type == "meta" and not W.is_meta:
             raise RuntimeError(_ON_META.format(_short(self.name)))
-        if W.shape != (self.out_features, self.in_features):  # e.g. resize_token_embeddings swapped a tied weight's .data
-            raise ValueError(f"layer {_short(self.name)}: its weight is now {tuple(W.shape)}, but it was adapted as "
-                             f"{(self.out_features, self.in_features)}: resize (resize_token_embeddings, ...) before inject")  # fmt: skip
+        # e.g. resize_token_embeddings swapped a tied weight's .data
+        if W.shape != (self.out_features, self.in_features):
+            raise ValueError(f"layer {_short(self.name)}: its weight is now {tuple(W.shape)}, but it was "
+                             f"adapted as {(self.out_features, self.in_features)}: resize "
+                             "(resize_token_embeddings, ...) before inject")
         p, args = self._plan, (W, self.lam, self.gam, *self._bases_in(_update_dtype(W.dtype)), self._plan)
-        with torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type) else contextlib.nullcontext():
+        with (torch.autocast(p.device_type, enabled=False) if p.amp and torch.is_autocast_enabled(p.device_type)
+              else contextlib.nullcontext()):
             if not self._memo.hold or torch.compiler.is_compiling():
                 return AdaptedWeight.apply(*args)
-            key = _WeightMemo.key(W, self.lam, self.gam, W.dtype)  # hold_weights: MHA reads in_proj_weight up to 5 times
+            # hold_weights: MHA reads in_proj_weight up to 5 times
+            key = _WeightMemo.key(W, self.lam, self.gam, W.dtype)
             if self._memo.get(key) is None:
                 with torch.no_grad():
                     self._memo.entry = (key, AdaptedWeight.apply(*args))
@@ -629,9 +681,11 @@ class RandLoraAdapter(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``scaling * ΔW`` to the base weight (float32, float64 for a float64 weight, rounded once); idempotent."""
+        """Add ``scaling * ΔW`` to the base weight (float32, float64 for a float64 weight, rounded once);
+        idempotent."""
         if not self.mergeable:
-            raise TypeError(f"cannot merge: layer {_short(self.name)} wraps a {type(self.base).__name__}, " + _UNMERGEABLE)
+            raise TypeError(f"cannot merge: layer {_short(self.name)} wraps a {type(self.base).__name__}, "
+                            + _UNMERGEABLE)
         if not self.merged:
             self._merged_params = (self.lam.detach().clone(), self.gam.detach().clone())
             self._add_to_weight(*self._merged_params, 1.0)
@@ -654,26 +708,31 @@ class RandLoraAdapter(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             lam, gam = self._merged_params
-            destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), lam.float().cpu().flatten(), gam.float().cpu().flatten()])
+            destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), lam.float().cpu().flatten(),
+                                                              gam.float().cpu().flatten()])
 
     def _parse_merge_state(self, state: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged."""
         r, n, d = self.rank, self.n, self.d
-        ok = isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point() and state.layout == torch.strided
+        ok = (isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point()
+              and state.layout == torch.strided)
         if ok and not state.is_meta and state.numel() == 1 and state.item() == 0:
             return None
-        if not (ok and not state.is_meta and state.numel() == 1 + r * n + n * d and state[0].item() == 1 and torch.isfinite(state).all()):
+        if not (ok and not state.is_meta and state.numel() == 1 + r * n + n * d and state[0].item() == 1
+                and torch.isfinite(state).all()):
             got = f"{type(state).__name__} {tuple(state.shape)}" if isinstance(state, torch.Tensor) else _short(state)
-            raise ValueError(f"layer {_short(self.name)}: the merge state in the state dict is {got}; expected [0] (unmerged) "
-                             f"or [1, lam ({r}x{n}), gam ({n}x{d})] (merged), finite float")  # fmt: skip
+            raise ValueError(f"layer {_short(self.name)}: the merge state in the state dict is {got}; expected [0] "
+                             f"(unmerged) or [1, lam ({r}x{n}), gam ({n}x{d})] (merged), finite float")
         if self.disabled:
-            raise ValueError(f"layer {_short(self.name)}: a merged state cannot be loaded inside randlora.disable(); load it outside")
+            raise ValueError(f"layer {_short(self.name)}: "
+                             "a merged state cannot be loaded inside randlora.disable(); load it outside")
         flat = state.detach().to(self.lam.device, torch.float32)
         return flat[1 : 1 + r * n].reshape(r, n).clone(), flat[1 + r * n :].reshape(n, d).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key, self._memo.entry = prefix + "_extra_state", None
-        params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # refused before this layer changes
+        # refused before this layer changes
+        params = self._parse_merge_state(state_dict[key]) if key in state_dict else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
@@ -681,7 +740,8 @@ class RandLoraAdapter(nn.Module):
             self._replan()
         # what was loaded decides: its merge state, or none beside a base weight (an unmerged one)
         if key in state_dict or (self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict):
-            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now (assign=True)
+            # on lam's device now (assign=True)
+            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None
             self._merged_params, self.merged = params, params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
             self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
@@ -705,25 +765,28 @@ class RandLoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bases={self.n} "
-                f"({self._bases.kind}), scaling={self.scaling:g}, strategy={self.strategy!r}")  # fmt: skip
+                f"({self._bases.kind}), scaling={self.scaling:g}, strategy={self.strategy!r}")
 
 
-_UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parametrized) or whose forward is hooked or replaced "
-                "(accelerate's hooks): merging W + s·ΔW into it would change the result; keep the adapter unmerged (it computes "
-                "beside the layer)")  # fmt: skip
+_UNMERGEABLE = ("whose weight is not a plain tensor (quantized, packed or parametrized) or whose forward is hooked or "
+                "replaced (accelerate's hooks): merging W + s·ΔW into it would change the result; keep the adapter "
+                "unmerged (it computes beside the layer)")
 
 
 class RandLoraLinear(RandLoraAdapter):
-    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``, ``(*, in)`` -> ``(*, out)``. ``base``:
-    ``nn.Linear``, transformers' ``Conv1D``, or any module with ``in_features``, ``out_features`` and a forward (README: Supported layers)."""
+    """A frozen linear layer plus a RandLoRA update: ``y = base(x) + scaling * x ΔW^T``, ``(*, in)`` -> ``(*, out)``.
+    ``base``: ``nn.Linear``, transformers' ``Conv1D``, or any module with ``in_features``, ``out_features`` and a
+    forward (README: Supported layers)."""
 
     _merge_weight_key = "base.weight"
 
     def __init__(self, base: nn.Module, config: RandLoraConfig, name: str = "", *, bases: _Bases | None = None) -> None:
         feats = _features(base)
         if feats is None:
-            raise TypeError(f"{_short(name or type(base).__name__)}: a {type(base).__name__} is not a linear-like layer")
-        super().__init__(*feats, config, name, bases, next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device)
+            raise TypeError(f"{_short(name or type(base).__name__)}: "
+                            f"a {type(base).__name__} is not a linear-like layer")
+        super().__init__(*feats, config, name, bases,
+                         next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device)
         self.base = base.requires_grad_(False)
         self.layout, self.shows = _classify(base)
         self.mergeable = self.layout in ("linear", "conv1d")
@@ -738,13 +801,15 @@ class RandLoraLinear(RandLoraAdapter):
         return getattr(self.base, "compute_dtype", None) or torch.float32
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):  # tie_weights() assigns lm_head.weight
+        # tie_weights() assigns lm_head.weight
+        if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):
             if self.merged:
                 raise RuntimeError(f"layer {_short(self.name)} is merged: unmerge(model) before assigning its {name}")
             old = getattr(self.base, name, None)
             if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value.shape != old.shape:
-                raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape {tuple(old.shape)}, got "
-                                 f"{tuple(value.shape)}: resize (resize_token_embeddings, ...) before inject")  # fmt: skip
+                raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape "
+                                 f"{tuple(old.shape)}, got {tuple(value.shape)}: resize "
+                                 "(resize_token_embeddings, ...) before inject")
             setattr(self.base, name, value)
         else:
             super().__setattr__(name, value)
@@ -754,8 +819,8 @@ class RandLoraLinear(RandLoraAdapter):
             self._refuse_training_merged()
             return self.base(x)
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
-            raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected floating "
-                             f"(..., in_features={self.in_features})")  # fmt: skip
+            raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected "
+                             f"floating (..., in_features={self.in_features})")
         p, dtype, base = self._plan, x.dtype, self.base
         if p.device_type == "meta" and not x.is_meta:
             raise RuntimeError(_ON_META.format(_short(self.name)))
@@ -778,7 +843,8 @@ class RandLoraLinear(RandLoraAdapter):
             call = _Call(p, build, unpack=unpack)
         if fused:
             W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, adt)
-            y = RandLoraFunction.apply(_as(x2, adt), W, None if b is None else _as(b, adt), self.lam, self.gam, A, Bf, call)
+            y = RandLoraFunction.apply(_as(x2, adt), W, None if b is None else _as(b, adt), self.lam, self.gam, A, Bf,
+                                       call)
             return y.view(*x.shape[:-1], self.out_features)
         with torch.autocast(p.device_type, enabled=False) if adt != dtype and p.amp else contextlib.nullcontext():
             delta = RandLoraFunction.apply(_as(self.dropout(x2), adt), None, None, self.lam, self.gam, A, Bf, call)
@@ -805,11 +871,13 @@ class RandLoraLinear(RandLoraAdapter):
 
 class RandLoraWeight(RandLoraAdapter):
     """A RandLoRA update on a weight its module reads itself (``nn.MultiheadAttention``'s input projection), as a
-    parametrization of ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is ``owner.parametrizations.<param>.original``."""
+    parametrization of ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is
+    ``owner.parametrizations.<param>.original``."""
 
     layout = "linear"
 
-    def __init__(self, weight: torch.Tensor, config: RandLoraConfig, name: str = "", *, bases=None, training=True) -> None:
+    def __init__(self, weight: torch.Tensor, config: RandLoraConfig, name: str = "", *, bases=None,
+                 training=True) -> None:
         super().__init__(weight.shape[1], weight.shape[0], config, name, bases, weight.device)
         self._slot: tuple[nn.Module, str] | None = None  # (owner, param): set by _adapt, which then plans
         self._param_order: list[str] = []  # the owner's parameter names before, for unwrap
@@ -825,14 +893,17 @@ class RandLoraWeight(RandLoraAdapter):
         return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
     def unwrap(self) -> None:
-        """After :meth:`merge`, make the stored weight the owner's plain parameter again (the owner gets a class of its own)."""
+        """After :meth:`merge`, make the stored weight the owner's plain parameter again (the owner gets a class of its
+        own)."""
         owner, param = self._slot
         original, cls = owner.parametrizations[param].original, type(owner)
         del owner.parametrizations[param]
         if len(owner.parametrizations) == 0:
             del owner.parametrizations
-        keep = {k: v for k, v in vars(cls).items() if k != param}  # a new class: a deepcopy of the owner shares the parametrized one
-        owner.__class__ = type(cls.__name__, cls.__bases__, keep) if "parametrizations" in owner._modules else cls.__bases__[0]
+        # a new class: a deepcopy of the owner shares the parametrized one
+        keep = {k: v for k, v in vars(cls).items() if k != param}
+        owner.__class__ = (type(cls.__name__, cls.__bases__, keep) if "parametrizations" in owner._modules
+                           else cls.__bases__[0])
         params = dict(owner._parameters, **{param: original})
         owner._parameters.clear()  # back in their order from before; names added since come after
         owner._parameters.update({k: params[k] for k in self._param_order if k in params} | params)
@@ -845,8 +916,9 @@ class RandLoraWeight(RandLoraAdapter):
 
 
 class SavedModule(nn.Module):
-    """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`), ``trained``
-    a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module in use."""
+    """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`),
+    ``trained`` a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module
+    in use."""
 
     __getstate__ = _getstate
 
@@ -854,8 +926,10 @@ class SavedModule(nn.Module):
         super().__init__()
         if isinstance(module, (SavedModule, RandLoraAdapter)):
             raise TypeError(f"module {_short(name)} is already a RandLoRA {type(module).__name__}")
-        trained = copy.deepcopy(module)  # first: a module deepcopy refuses is left as it was; a tied parameter is copied
-        self.original, self.trained = module.requires_grad_(False), trained  # in this order: state dict and optimizer order
+        # first: a module deepcopy refuses is left as it was; a tied parameter is copied
+        trained = copy.deepcopy(module)
+        # in this order: state dict and optimizer order
+        self.original, self.trained = module.requires_grad_(False), trained
         self.name, self.disabled, self.training = name, False, module.training
         self.trainable_()
 
@@ -874,8 +948,8 @@ class SavedModule(nn.Module):
                 raise
             active = super().__getattr__("original" if self.__dict__.get("disabled") else "trained")
             if not hasattr(active, name):
-                raise AttributeError(f"SavedModule {_short(self.__dict__.get('name'))} and its {type(active).__name__} have no "
-                                     f"attribute {name!r}") from None  # fmt: skip
+                raise AttributeError(f"SavedModule {_short(self.__dict__.get('name'))} and its {type(active).__name__} "
+                                     f"have no attribute {name!r}") from None
             return getattr(active, name)
 
     def extra_repr(self) -> str:
@@ -895,19 +969,24 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _features(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of a linear-like module, or None."""
     if isinstance(module, nn.Linear) or _is_conv1d(module):
-        return (module.in_features, module.out_features) if isinstance(module, nn.Linear) else tuple(module.weight.shape)
+        return ((module.in_features, module.out_features) if isinstance(module, nn.Linear)
+                else tuple(module.weight.shape))
     i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
     return (i, o) if type(i) is int and type(o) is int and callable(getattr(module, "forward", None)) else None
 
 
 def _plain_weight(w: object) -> bool:
-    """A plain floating 2-D tensor (quantized subclasses pack values behind a float dtype; FSDP2 shards are DTensors)."""
-    return (type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor") and w.is_floating_point() and w.dim() == 2
+    """A plain floating 2-D tensor (quantized subclasses pack values behind a float dtype; FSDP2 shards are
+    DTensors)."""
+    return ((type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor") and w.is_floating_point()
+            and w.dim() == 2)
 
 
 def _bnb_class(module: nn.Module, *names: str) -> type | None:
-    """The bitsandbytes class among ``names`` that ``module`` is an instance of (by name: bitsandbytes is never imported)."""
-    return next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes") and c.__name__ in names), None)
+    """The bitsandbytes class among ``names`` that ``module`` is an instance of (by name: bitsandbytes is never
+    imported)."""
+    return next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes") and c.__name__ in names),
+                None)
 
 
 def _own_call(module: nn.Module) -> bool:
@@ -916,22 +995,28 @@ def _own_call(module: nn.Module) -> bool:
 
 
 def _classify(module: nn.Module) -> tuple[str, str | None]:
-    """``(layout, shows)``: "linear"/"conv1d" (plain weight), "4bit" (bnb Linear4bit), "opaque" (own forward); .weight: "adapted"/"base"/None."""
-    w, plain_fwd = getattr(module, "weight", None), isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-    free = not parametrize.is_parametrized(module) and not _own_call(module)  # hooks and parametrizations may compute the weight
+    """``(layout, shows)``: "linear"/"conv1d" (plain weight), "4bit" (bnb Linear4bit), "opaque" (own forward); .weight:
+    "adapted"/"base"/None."""
+    w, plain_fwd = (getattr(module, "weight", None),
+                    isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+    # hooks and parametrizations may compute the weight
+    free = not parametrize.is_parametrized(module) and not _own_call(module)
     if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
     c4 = _bnb_class(module, "Linear4bit")  # bitsandbytes' layers subclass nn.Linear
-    layout = "4bit" if free and c4 and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward else "opaque"
+    layout = ("4bit" if free and c4 and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward
+              else "opaque")
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
 
 
 def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
-    """A 4-bit base's ``W`` ``(out, in)`` in ``dtype``, a new tensor per call; None where only its own forward computes."""
+    """A 4-bit base's ``W`` ``(out, in)`` in ``dtype``, a new tensor per call; None where only its own forward
+    computes."""
     qs = getattr(module.weight, "quant_state", None)
-    if qs is None or getattr(qs, "packing_format_for_cpu", False) or getattr(module, "compute_dtype", None) not in (None, dtype):
+    if (qs is None or getattr(qs, "packing_format_for_cpu", False)
+        or getattr(module, "compute_dtype", None) not in (None, dtype)):
         return None
     from bitsandbytes.functional import dequantize_4bit  # the layer is bitsandbytes': it is installed
 
@@ -939,11 +1024,13 @@ def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Te
 
 
 def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
-    """How ``parent`` uses child ``attr``'s weight: "computes" with it (MHA's out_proj, TransformerEncoderLayer), "inspects" it (T5) or None."""
+    """How ``parent`` uses child ``attr``'s weight: "computes" with it (MHA's out_proj, TransformerEncoderLayer),
+    "inspects" it (T5) or None."""
     mha, encoder = isinstance(parent, nn.MultiheadAttention), isinstance(parent, nn.TransformerEncoderLayer)
     if (mha and attr == "out_proj") or (encoder and attr in ("linear1", "linear2")):
         return "computes"
-    return "inspects" if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo" else None
+    return ("inspects" if type(parent).__name__.endswith(("DenseActDense", "DenseGatedActDense")) and attr == "wo"
+            else None)
 
 
 def _mha_weights(mha: nn.MultiheadAttention) -> tuple[str, ...]:
@@ -962,7 +1049,8 @@ def _no_dropout(parent: nn.Module | None, attr: str, module: nn.Module) -> str:
     """Why no adapter dropout can apply to ``module`` (a weight read instead of a layer called), or ``""``."""
     if isinstance(module, (nn.MultiheadAttention, RandLoraWeight)):
         return "nn.MultiheadAttention applies its projections as weights (it calls no layer with an input to drop)"
-    return f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it" if _weight_reader(parent, attr) == "computes" else ""
+    return (f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it"
+            if _weight_reader(parent, attr) == "computes" else "")
 
 
 def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -974,71 +1062,85 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return holders
 
 
-def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig], stored=False) -> None:
+def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs: Mapping[str, RandLoraConfig],
+                   stored=False) -> None:
     """Refuse, before anything changes, every target that cannot compute exactly base + s ΔW with its config."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
     holders = _holders(model)
     for name, module in found:
-        mha, kind, shapes, config = isinstance(module, nn.MultiheadAttention), type(module).__name__, _target_shapes(module), configs[name]
+        mha, kind, shapes, config = (isinstance(module, nn.MultiheadAttention), type(module).__name__,
+                                     _target_shapes(module), configs[name])
         refuse = f"cannot adapt {_short(name)}: "
         if name == "":
-            raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules in place; wrap a "
-                             "bare layer in a container, e.g. nn.Sequential(layer), or build RandLoraLinear(layer, config)")  # fmt: skip
+            raise ValueError(refuse + f"it is the model itself (the root module, a {kind}): inject replaces submodules "
+                             "in place; wrap a bare layer in a container, e.g. nn.Sequential(layer), or build "
+                             "RandLoraLinear(layer, config)")
         if name.startswith(inside) or any(isinstance(m, (RandLoraAdapter, SavedModule)) for m in module.modules()):
-            raise ValueError(refuse + "it is already adapted with RandLoRA, contains an adapter, or is (inside) a module to save; "
-                             "eject(model) first to re-adapt it")  # fmt: skip
+            raise ValueError(refuse + "it is already adapted with RandLoRA, contains an adapter, or is (inside) a "
+                             "module to save; eject(model) first to re-adapt it")
         if shapes is None:
-            raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with in_features, out_features "
-                            "and forward) nor an nn.MultiheadAttention")  # fmt: skip
+            raise TypeError(refuse + f"it is a {kind}, not a linear layer (nn.Linear, Conv1D, or a module with "
+                            "in_features, out_features and forward) nor an nn.MultiheadAttention")
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(refuse + f"it is a {kind} whose shape is not known yet; run one forward pass first")
         if small := [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]:
-            raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]), _short(small[0][0]), *small[0][1:]))
-        if not mha and _plain_weight(getattr(module, "weight", None)) and (parametrize.is_parametrized(module) or module._forward_pre_hooks):
-            raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, ...): merge could not "
-                             "write W + s·ΔW through it; remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
-                             "torch.nn.utils.remove_weight_norm)")  # fmt: skip
+            raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]),
+                                                             _short(small[0][0]), *small[0][1:]))
+        if (not mha and _plain_weight(getattr(module, "weight", None))
+            and (parametrize.is_parametrized(module) or module._forward_pre_hooks)):
+            raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, "
+                             "...): merge could not write W + s·ΔW through it; remove it first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations, "
+                             "torch.nn.utils.remove_weight_norm)")
         why = next((w for parent, attr in holders[id(module)] if (w := _no_dropout(parent, attr, module))), "")
         if config.dropout > 0 and why:
-            raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call of its own) or leave "
-                             "it out of the targets")  # fmt: skip
-        plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p)) for p in _mha_weights(module))
+            raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call "
+                             "of its own) or leave it out of the targets")
+        plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p))
+                               for p in _mha_weights(module))
         if mha and not (plain_in and _classify(module.out_proj)[0] == "linear"):
             raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
         if mha and (first := next(n for n, m in model.named_modules() if m is module.out_proj)) != f"{name}.out_proj":
-            raise ValueError(refuse + f"its out_proj is first held as {_short(first)}, the name files would give its adapter, from "
-                             "which a load cannot rebuild the attention: register the attention module before that alias")  # fmt: skip
+            raise ValueError(refuse + f"its out_proj is first held as {_short(first)}, the name files would give "
+                             "its adapter, from which a load cannot rebuild the attention: register the "
+                             "attention module before that alias")
         shows = None if mha else _classify(module)[1]
         for parent, attr in holders[id(module)]:
             reader = _weight_reader(parent, attr)
             if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
-                raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling it, and a {kind} "
-                                 "has no plain weight to add the update to")  # fmt: skip
+                raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling "
+                                 f"it, and a {kind} has no plain weight to add the update to")
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
-    """Refuse modules to save that cannot be (the root, RandLoRA wrappers or their insides, targets) and nested selected modules."""
+    """Refuse modules to save that cannot be (the root, RandLoRA wrappers or their insides, targets) and nested selected
+    modules."""
     targeted, wrappers = {id(m) for _, m in found}, (RandLoraAdapter, SavedModule)
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, wrappers))
     for name, m in saved:
         if name == "" or id(m) in targeted:
-            raise ValueError(f"module {_short(name)} is {'the model itself' if name == '' else 'both a target and'} a module to save; choose one")
+            raise ValueError(f"module {_short(name)} is {'the model itself' if name == '' else 'both a target and'} a "
+                             "module to save; choose one")
         if any(isinstance(s, wrappers) for s in m.modules()) or name.startswith(inside):
-            raise ValueError(f"module to save {_short(name)} is, is inside or contains a RandLoRA adapter or saved module")
+            raise ValueError(f"module to save {_short(name)} is, "
+                             "is inside or contains a RandLoRA adapter or saved module")
     kinds = {id(m): kind for kind, pairs in (("target", found), ("module to save", saved)) for _, m in pairs}
     for name, m in [*found, *saved]:  # the outer module's wrapper would skip or double the inner one
         for sub_name, sub in m.named_modules(remove_duplicate=False):
             if sub_name and id(sub) in kinds:
-                raise ValueError(f"{kinds[id(m)]} {_short(name)} contains {kinds[id(sub)]} {_short(name + '.' + sub_name)}; both are "
-                                 "selected, and a selected module may not contain another: select one of them")  # fmt: skip
+                raise ValueError(f"{kinds[id(m)]} {_short(name)} contains {kinds[id(sub)]} "
+                                 f"{_short(name + '.' + sub_name)}; both are selected, and a selected module may not "
+                                 "contain another: select one of them")
 
 
 Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
-ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")  # heads "all-linear" leaves out, as PEFT
+# heads "all-linear" leaves out, as PEFT
+ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")
 
 
 def _linear_names(model: nn.Module) -> str:
-    return _short_list([n for n, m in model.named_modules() if n and _features(m) is not None and not isinstance(m, RandLoraAdapter)], 30)
+    return _short_list([n for n, m in model.named_modules() if n and _features(m) is not None
+                        and not isinstance(m, RandLoraAdapter)], 30)
 
 
 def _name_matches(name: str, entry: str) -> bool:
@@ -1046,17 +1148,21 @@ def _name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` selected by ``targets`` (see :func:`inject`) in model order, each module once, under its first name."""
-    is_list = isinstance(targets, (list, tuple, set, frozenset)) and targets and all(isinstance(e, str) for e in targets)
+def _match(model: nn.Module, targets: Targets, what: str = "targets",
+           skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` selected by ``targets`` (see :func:`inject`) in model order, each module once, under its first
+    name."""
+    is_list = (isinstance(targets, (list, tuple, set, frozenset)) and targets
+               and all(isinstance(e, str) for e in targets))
     if not (is_list or isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))):
         raise TypeError(f"{what} must be a non-empty list of module names, a regex str, {ALL_LINEAR!r} or a callable "
-                        f"(name, module) -> bool; got {type(targets).__name__} {_short(targets)}")  # fmt: skip
+                        f"(name, module) -> bool; got {type(targets).__name__} {_short(targets)}")
     modules = list(model.named_modules(remove_duplicate=False))  # a module under two names matches under either
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:  # every nn.Linear and Conv1D but the heads (PEFT's)
         with contextlib.suppress(NotImplementedError, AttributeError, TypeError):
             skip = [*skip, model.get_output_embeddings()]
-        skip = [*skip, *(getattr(model, h, None) for h in _HEADS), *(m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule)))]
+        skip = [*skip, *(getattr(model, h, None) for h in _HEADS),
+                *(m for m in model.modules() if isinstance(m, (RandLoraAdapter, SavedModule)))]
         out = {id(s) for m in skip if isinstance(m, nn.Module) for s in m.modules()}
         hits = {id(m) for _, m in modules if (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in out}
     elif isinstance(targets, str):
@@ -1067,19 +1173,22 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets", skip: Sequ
         if not (hits := {id(m) for n, m in modules if regex.fullmatch(n)}):
             names = sorted({n for n, _ in modules if _name_matches(n, targets)})
             hint = f"; as a list, {what}=[{_short(targets)}] would select {_short_list(names, 5)}" if names else ""
-            raise ValueError(f"{what} regex {_short(targets)} matched no module (a str is a regular expression full-matched against "
-                             f"qualified names, a list matches names){hint}; linear layers: {_linear_names(model)}")  # fmt: skip
+            raise ValueError(f"{what} regex {_short(targets)} matched no module (a str is a regular expression "
+                             f"full-matched against qualified names, a list matches names){hint}; linear "
+                             f"layers: {_linear_names(model)}")
     else:
         for entry in targets if not callable(targets) else ():
             if not any(_name_matches(n, entry) for n, _ in modules):
-                raise ValueError(f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its linear layers are: "
-                                 f"{_linear_names(model)}")  # fmt: skip
-        hits = {id(m) for n, m in modules if (targets(n, m) if callable(targets) else any(_name_matches(n, e) for e in targets))}
+                raise ValueError(f"{what} entry {_short(entry)} matches no module of {type(model).__name__}; its "
+                                 f"linear layers are: {_linear_names(model)}")
+        hits = {id(m) for n, m in modules
+                if (targets(n, m) if callable(targets) else any(_name_matches(n, e) for e in targets))}
     return [(n, m) for n, m in model.named_modules() if id(m) in hits]
 
 
 def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put ``new[id(m)]`` wherever each module ``m`` is, in one scan (a module under two names stays one); the slots filled."""
+    """Put ``new[id(m)]`` wherever each module ``m`` is, in one scan (a module under two names stays one); the slots
+    filled."""
     holders = _holders(model)
     slots = [(parent, attr, module) for i, module in new.items() for parent, attr in holders.get(i, [])]
     for parent, attr, module in slots:
@@ -1088,13 +1197,15 @@ def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Mo
 
 
 def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> dict[int, nn.Module]:
-    """``{id(old): new}`` for the checked target ``name``: a RandLoraLinear; an MHA's input projection is adapted in place."""
+    """``{id(old): new}`` for the checked target ``name``: a RandLoraLinear; an MHA's input projection is adapted in
+    place."""
     if not isinstance(module, nn.MultiheadAttention):
         return {id(module): RandLoraLinear(module, config, name, bases=bases)}
     order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
     why = _no_dropout(module, "out_proj", module.out_proj)  # before a parametrization renames the class
     for param in _mha_weights(module):
-        a = RandLoraWeight(getattr(module, param), config, f"{name}.parametrizations.{param}.0", bases=bases, training=module.training)
+        a = RandLoraWeight(getattr(module, param), config, f"{name}.parametrizations.{param}.0", bases=bases,
+                           training=module.training)
         a._param_order = order
         parametrize.register_parametrization(module, param, a, unsafe=True)  # unsafe: shape and dtype are kept
         a._slot = (module, param)
@@ -1119,24 +1230,28 @@ def _saved_modules(model: nn.Module) -> dict[str, SavedModule]:
 
 
 def inject(
-    model: nn.Module, targets: Targets, rank: int = ..., seed: int = ..., *, alpha: float | None = ..., dropout: float = ...,
-    bases: str = ..., strategy: str = ..., modules_to_save: Targets | None = None, config: RandLoraConfig | None = None,
-    **removed,
-) -> nn.Module:  # fmt: skip
-    """Wrap the layers ``targets`` selects in RandLoRA adapters, in place, and freeze everything else; returns ``model``.
-    ``targets`` (and ``modules_to_save``): names, a regex, ``"all-linear"`` or a callable (README: Choosing targets). The
-    settings: :class:`RandLoraConfig`'s fields, or ``config=``. A refused call leaves ``model`` as it was."""
+    model: nn.Module, targets: Targets, rank: int = ..., seed: int = ..., *, alpha: float | None = ...,
+    dropout: float = ..., bases: str = ..., strategy: str = ..., modules_to_save: Targets | None = None,
+    config: RandLoraConfig | None = None, **removed,
+) -> nn.Module:
+    """Wrap the layers ``targets`` selects in RandLoRA adapters, in place, and freeze everything else; returns
+    ``model``. ``targets`` (and ``modules_to_save``): names, a regex, ``"all-linear"`` or a callable (README: Choosing
+    targets). The settings: :class:`RandLoraConfig`'s fields, or ``config=``. A refused call leaves ``model`` as it
+    was."""
     if removed:
         hint = " (path= was renamed strategy= in 0.2 and removed in 0.3)" if "path" in removed else ""
         raise TypeError(f"inject() got unexpected keyword(s) {_short_list(sorted(removed))}{hint}")
-    given = {k: v for k, v in dict(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases, strategy=strategy).items() if v is not ...}
+    given = {k: v for k, v in dict(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases,
+                                   strategy=strategy).items() if v is not ...}
     if config is not None and not isinstance(config, RandLoraConfig) or config is None and "rank" not in given:
         raise TypeError(f"inject() needs rank=... or config=RandLoraConfig(...), got config={_short(config)}")
     config = config or RandLoraConfig(**given)
     for field, value in given.items():  # a keyword beside config= must agree with it
         if getattr(dataclasses.replace(config, **{field: value}), field) != getattr(config, field):
-            raise ValueError(f"inject got {field}={_short(value)} and config.{field}={_short(getattr(config, field))}; pass one of them")
-    none = modules_to_save is None or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save)
+            raise ValueError(f"inject got {field}={_short(value)} and "
+                             f"config.{field}={_short(getattr(config, field))}; pass one of them")
+    none = (modules_to_save is None
+            or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save))
     saved = [] if none else _match(model, modules_to_save, "modules_to_save")
     found = _match(model, targets, "targets", skip=[m for _, m in saved])
     if not found:
@@ -1145,13 +1260,14 @@ def inject(
     _check_saved(model, saved, found)
     for _, m in named_adapters(model):
         if m.config.shared != config.shared or m._bases.stored is not None:
-            raise ValueError(f"model already has RandLoRA layers with (rank, alpha, seed, bases) = {m.config.shared}; a second "
-                             f"inject must use the same settings (got {config.shared})")  # fmt: skip
+            raise ValueError(f"model already has RandLoRA layers with (rank, alpha, seed, bases) = {m.config.shared}; "
+                             f"a second inject must use the same settings (got {config.shared})")
     _build(model, [(n, m, config) for n, m in found], saved)
     return model
 
 
-def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved, bases: _Bases | None = None) -> None:
+def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]], saved,
+           bases: _Bases | None = None) -> None:
     """Adapt checked targets (largest first: the shared bases are drawn once) and wrap the modules to save."""
     flags = [(p, p.requires_grad) for _, m in saved for p in m.parameters()]
     try:  # first: a module deepcopy refuses fails before any target or flag changes
@@ -1164,7 +1280,8 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
     for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1]))):
         new |= _adapt(n, m, c, bases)
     for parent, attr, m in _replace(model, new | copies):
-        if isinstance(m, RandLoraLinear) and not m._dropout_refusal:  # a parent under any of its names may read the weight
+        # a parent under any of its names may read the weight
+        if isinstance(m, RandLoraLinear) and not m._dropout_refusal:
             m._dropout_refusal = _no_dropout(parent, attr, m)
     for _, m in named_adapters(model):
         m._replan()  # every layer views the newest (largest) copy of the bases
@@ -1172,7 +1289,8 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
 
 
 def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
-    """Refuse, before anything changes, to merge into a weight that is not a plain tensor or that another module shares."""
+    """Refuse, before anything changes, to merge into a weight that is not a plain tensor or that another module
+    shares."""
 
     def where(p: torch.Tensor) -> object:  # one weight: one Parameter, or two on one storage (a tie made through .data)
         with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
@@ -1189,13 +1307,15 @@ def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str)
             raise TypeError(f"cannot {verb}: layer {_short(m.name)} wraps a {type(m.base).__name__}, " + _UNMERGEABLE)
         p = m.base.weight if isinstance(m, RandLoraLinear) else m._slot[0].parametrizations[m._slot[1]].original
         if len(owners.get(where(p), [])) > 1:
-            raise ValueError(f"cannot {verb}: layer {_short(m.name)} would add its update into a weight that is shared (tied): "
-                             f"{' is also '.join(map(repr, owners[where(p)]))}. Merging would change the other module's computation; "
-                             "keep the adapter unmerged (it computes correctly beside the shared weight) or untie the weight first")  # fmt: skip
+            raise ValueError(f"cannot {verb}: layer {_short(m.name)} would add its update into a weight that is shared "
+                             f"(tied): {' is also '.join(map(repr, owners[where(p)]))}. Merging would change the other "
+                             "module's computation; keep the adapter unmerged (it computes correctly beside the shared "
+                             "weight) or untie the weight first")
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it cannot."""
+    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it
+    cannot."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
     for m in layers:
@@ -1226,7 +1346,8 @@ def eject(model: nn.Module) -> nn.Module:
     for m in layers:
         if isinstance(m, RandLoraWeight):
             m.unwrap()
-    _replace(model, {id(m): m.base for m in layers if isinstance(m, RandLoraLinear)} | {id(s): s.trained for s in saved})
+    _replace(model, {id(m): m.base for m in layers if isinstance(m, RandLoraLinear)}
+             | {id(s): s.trained for s in saved})
     for s in saved:
         s.trained.requires_grad_(False)  # frozen like the merged layers
     return model
@@ -1264,8 +1385,9 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[nn.Module]:
     """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
-    (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``; docs/MATH.md#cost-model).
-    A change is seen by the tensors' version counters, which writes through ``.data`` bypass: edit under no_grad."""
+    (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``;
+    docs/MATH.md#cost-model). A change is seen by the tensors' version counters, which writes through ``.data`` bypass:
+    edit under no_grad."""
     if budget_bytes is not None and not (type(budget_bytes) is int and budget_bytes >= 0):
         raise ValueError(f"budget_bytes must be a non-negative int (bytes) or None, got {_short(budget_bytes)}")
     layers, used = [m for _, m in named_adapters(model)], 0
@@ -1288,15 +1410,20 @@ def summary(model: nn.Module) -> str:
     adapters, head = list(named_adapters(model)), ("layer", "out x in", "bases", "trainable")
     count = lambda ps: f"{sum(p.numel() for p in ps if p.requires_grad):,}"  # what trains: the rows add up to the total
     rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), count((m.lam, m.gam))) for n, m in adapters)]
-    rows += [(f"{n} (saved in full)", "-", "-", count(s.trained.parameters())) for n, s in _saved_modules(model).items()]
+    rows += [(f"{n} (saved in full)", "-", "-", count(s.trained.parameters()))
+             for n, s in _saved_modules(model).items()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if adapters:
         m = adapters[0][1]
-        origin = "bases loaded from a PEFT file" if m._bases.stored is not None else f"seed {m.config.seed}, bases {m.config.bases}"
-        lines.insert(0, f"RandLoRA: {len(adapters)} layers, rank {m.rank}, alpha {m.alpha:g} (scaling {m.scaling:g}), {origin}")
-    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-    return "\n".join([*lines, f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"])
+        origin = ("bases loaded from a PEFT file" if m._bases.stored is not None
+                  else f"seed {m.config.seed}, bases {m.config.bases}")
+        lines.insert(0, f"RandLoRA: {len(adapters)} layers, rank {m.rank}, "
+                     f"alpha {m.alpha:g} (scaling {m.scaling:g}), {origin}")
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.parameters()))
+    return "\n".join([*lines, (f"trainable parameters: {trainable:,} of {total:,} "
+                               f"({100 * trainable / max(total, 1):.4f}%)")])
 
 
 # -----------------------------------------------------------------------------
@@ -1304,19 +1431,23 @@ def summary(model: nn.Module) -> str:
 
 FORMAT_NAME, FORMAT_VERSION = "randlora", "3"  # 2: per-layer dropout and strategy; 3: checksum, modules_to_save
 READ_VERSIONS = ("1", "2", "3")
-_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+_ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"`` and each module to save's full state."""
+    """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"`` and each module to save's full
+    state."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     state = {f"{n}.{p}": getattr(m, p).detach() for n, m in named_adapters(model) for p in ("lam", "gam")}
-    return state | {f"{n}.{k}": v.detach() for n, s in _saved_modules(model).items() for k, v in s.trained.state_dict().items()}
+    return state | {f"{n}.{k}": v.detach() for n, s in _saved_modules(model).items()
+                    for k, v in s.trained.state_dict().items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place, all checked first."""
+    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place, all checked
+    first."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = {n: (m.out_features, m.in_features, m.config) for n, m in named_adapters(model)}
     if not layers:
@@ -1329,32 +1460,38 @@ def _check_state(layers: Mapping[str, tuple], saved: Mapping[str, nn.Module], st
     if not isinstance(state, Mapping):
         raise TypeError(f"{source} must be a mapping (a dict of name -> tensor), got {type(state).__name__}")
     # (shape, the floating dtype a value is loaded into, or False): finite is checked in that dtype
-    expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point() and v.dtype) for n, m in saved.items() for k, v in m.state_dict().items()}
+    expected = {f"{n}.{k}": (tuple(v.shape), v.is_floating_point() and v.dtype) for n, m in saved.items()
+                for k, v in m.state_dict().items()}
     for name, (out_f, in_f, c) in layers.items():
         nb = _num_bases(min(out_f, in_f), c.rank)
-        expected |= {f"{name}.lam": ((c.rank, nb), torch.float32), f"{name}.gam": ((nb, min(out_f, in_f)), torch.float32)}
+        expected |= {f"{name}.lam": ((c.rank, nb), torch.float32),
+                     f"{name}.gam": ((nb, min(out_f, in_f)), torch.float32)}
     missing, unexpected = sorted(k for k in expected if k not in state), [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit the model: missing keys {_short_list(missing)}; unexpected keys {_short_list(unexpected)}")
+        raise ValueError(f"{source} does not fit the model: missing keys {_short_list(missing)}; unexpected keys "
+                         f"{_short_list(unexpected)}")
     for key, (shape, floating) in expected.items():
         t, what = state[key], f"{source}: {_short(key)}"
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
             got = "a meta tensor" if getattr(t, "is_meta", False) else f"{type(t).__name__} {getattr(t, 'layout', '')}"
             raise ValueError(f"{what} must be a dense tensor with values, got {got}")
         if tuple(t.shape) != shape or t.is_floating_point() != bool(floating):
-            raise ValueError(f"{what} is {t.dtype} {tuple(t.shape)}; expected {'a floating-point ' if floating else ''}{shape}")
+            raise ValueError(f"{what} is {t.dtype} {tuple(t.shape)}; expected "
+                             f"{'a floating-point ' if floating else ''}{shape}")
         if floating and not torch.isfinite(t.to(floating)).all():
-            raise ValueError(f"{what} contains NaN or Inf values{'' if t.dtype == floating else f' (in {floating}, the dtype it loads into)'}")
+            raise ValueError(f"{what} contains NaN or Inf values"
+                f"{'' if t.dtype == floating else f' (in {floating}, the dtype it loads into)'}")
 
 
 def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping[str, tuple], saved_names: list[str],
-          tensors: Mapping, bases: _Bases | None = None) -> nn.Module:  # fmt: skip
+          tensors: Mapping, bases: _Bases | None = None) -> nn.Module:
     """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
-        raise ValueError(f"{source}: cannot load values into a model on the meta device ({len(meta)} parameters, e.g. "
-                         f"{_short_list(meta, 3)}); materialize it first: model.to_empty(device=...), then load its weights")  # fmt: skip
+        raise ValueError(f"{source}: cannot load values into a model on the meta device ({len(meta)} "
+                         f"parameters, e.g. {_short_list(meta, 3)}); materialize it first: "
+                         "model.to_empty(device=...), then load its weights")
     adapters, modules = dict(named_adapters(model)), dict(model.named_modules())
     if adapters:
         _check_fits(model, source, shared, layers, saved_names, adapters)
@@ -1362,7 +1499,8 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
     else:
         targets = _adapter_targets(model, layers, source)
         if any(n not in modules for n in saved_names):
-            raise ValueError(f"{source}: module to save {_short_list([n for n in saved_names if n not in modules])} is not in the model")
+            raise ValueError(f"{source}: module to save {_short_list([n for n in saved_names if n not in modules])} "
+                             "is not in the model")
         against = {n: modules[n] for n in saved_names}
         try:
             _check_targets(model, [(n, m) for n, m, _ in targets], {n: c for n, _, c in targets}, bases is not None)
@@ -1382,11 +1520,13 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
             adapters[name].set_config(config)  # dropout and strategy as saved: a resumed run is bit-exact
             adapters[name]._memo.entry = None
     for name, s in _saved_modules(model).items():
-        s.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}, strict=True)
+        s.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")},
+                                  strict=True)
     return model
 
 
-def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple], source: str) -> list[tuple[str, nn.Module, RandLoraConfig]]:
+def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple],
+                     source: str) -> list[tuple[str, nn.Module, RandLoraConfig]]:
     """The ``(name, module, config)`` targets whose adaptation re-creates exactly the adapters ``layers`` names."""
     modules, targets = dict(model.named_modules()), {}
     for name, (_, _, config) in layers.items():
@@ -1394,43 +1534,50 @@ def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple], source: str)
         target = hit[1] if hit else name
         m = modules.get(target)
         if m is None or (hit is not None and not (isinstance(m, nn.MultiheadAttention) and hit[2] in _mha_weights(m))):
-            raise ValueError(f"{source}: adapter layer {_short(name)} is not in the model; its linear layers: {_linear_names(model)}")
+            raise ValueError(f"{source}: adapter layer {_short(name)} is not in the model; "
+                             f"its linear layers: {_linear_names(model)}")
         if config.dropout > 0 or target not in targets:  # an MHA part with dropout gives the MHA its config: refused
             targets[target] = (m, config)
     for target, (m, _) in list(targets.items()):
         shapes = _target_shapes(m)
         if shapes is None:
-            raise ValueError(f"{source}: adapter layer {_short(target)} is a {type(m).__name__} in the model, not a linear layer")
+            raise ValueError(f"{source}: adapter layer {_short(target)} is a {type(m).__name__} in the "
+                             "model, not a linear layer")
         missing = [target + s for s, _, _ in shapes if target + s not in layers]
         if missing:
-            raise ValueError(f"{source}: nn.MultiheadAttention {_short(target)} is adapted only in part: no {_short_list(missing)}")
+            raise ValueError(f"{source}: nn.MultiheadAttention {_short(target)} is adapted only in part: "
+                             f"no {_short_list(missing)}")
         out_proj = targets.pop(target + ".out_proj", None) if isinstance(m, nn.MultiheadAttention) else None
         if out_proj is not None and out_proj[1].dropout > 0:  # the MHA's out_proj with dropout: refused with the MHA
             targets[target] = (m, out_proj[1])
         for s, i, o in shapes:
             if tuple(layers[target + s][:2]) != (o, i):
-                raise ValueError(f"{source}: layer {_short(target + s)} is (out, in) = {tuple(layers[target + s][:2])} in the "
-                                 f"adapter but {(o, i)} in the model")  # fmt: skip
+                raise ValueError(f"{source}: layer {_short(target + s)} is (out, in) = {tuple(layers[target + s][:2])} "
+                                 f"in the adapter but {(o, i)} in the model")
     return [(t, m, c) for t, (m, c) in targets.items()]
 
 
-def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping, saved_names: list, adapters: dict) -> None:
+def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping, saved_names: list,
+                adapters: dict) -> None:
     """Refuse a file whose settings, layers, shapes, dropouts or modules to save do not fit the adapted ``model``."""
     if next(iter(adapters.values()))._bases.stored is not None:
-        raise ValueError(f"{source}: the model's RandLoRA layers use bases loaded from a PEFT folder (from_peft), not seeded "
-                         "ones; load into a plain model, or from_peft again")  # fmt: skip
+        raise ValueError(f"{source}: the model's RandLoRA layers use bases loaded from a PEFT folder (from_peft), not "
+                         "seeded ones; load into a plain model, or from_peft again")
     for field, ours, theirs in zip(("rank", "alpha", "seed", "bases"), _file_config(adapters).shared, shared.shared):
         if ours != theirs:
-            raise ValueError(f"{source}: adapter has {field}={_short(theirs)} but the model's RandLoRA layers have {field}={ours!r}")
-    for what, mine, theirs in (("adapter layers", set(adapters), set(layers)), ("modules to save", set(_saved_modules(model)), set(saved_names))):
+            raise ValueError(f"{source}: adapter has {field}={_short(theirs)} but the model's RandLoRA "
+                             f"layers have {field}={ours!r}")
+    for what, mine, theirs in (("adapter layers", set(adapters), set(layers)),
+                               ("modules to save", set(_saved_modules(model)), set(saved_names))):
         if mine != theirs:
-            raise ValueError(f"{source}: {what} differ from the model's: missing in file {_short_list(sorted(mine - theirs))}; "
-                             f"not in model {_short_list(sorted(theirs - mine))}")  # fmt: skip
+            raise ValueError(f"{source}: {what} differ from the model's: missing in file "
+                             f"{_short_list(sorted(mine - theirs))}; not in model "
+                             f"{_short_list(sorted(theirs - mine))}")
     for name, (out_f, in_f, config) in layers.items():
         m, (parent, _, attr) = adapters[name], name.rpartition(".")
         if (m.out_features, m.in_features) != (out_f, in_f):
             raise ValueError(f"{source}: layer {_short(name)} is (out, in) = {(out_f, in_f)} in the adapter but "
-                             f"{(m.out_features, m.in_features)} in the model")  # fmt: skip
+                             f"{(m.out_features, m.in_features)} in the model")
         why = (m._dropout_refusal or _no_dropout(model.get_submodule(parent), attr, m)) if config.dropout > 0 else ""
         if why:
             raise ValueError(f"{source}: layer {_short(name)} has dropout {config.dropout}, but {why}")
@@ -1442,9 +1589,10 @@ def _file_config(layers: Mapping[str, RandLoraAdapter]) -> RandLoraConfig:
     for name, m in layers.items():
         if m.config.shared != first.shared:
             raise ValueError(f"layer {_short(name)} has (rank, alpha, seed, bases) {m.config.shared} unlike the others "
-                             f"{first.shared}; one adapter per file")  # fmt: skip
+                             f"{first.shared}; one adapter per file")
         if m._bases.stored is not None:
-            raise ValueError(f"layer {_short(name)} uses bases loaded from a PEFT file (not seeded); save it with to_peft() instead")
+            raise ValueError(f"layer {_short(name)} uses bases loaded from a PEFT file (not seeded); "
+                             "save it with to_peft() instead")
     return first
 
 
@@ -1457,10 +1605,12 @@ def _tensor_bytes(t: torch.Tensor) -> bytearray:
 
 
 def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tensor]]) -> str:
-    """``"sha256:<hex>"`` over the metadata (but ``checksum``) and every tensor's name, dtype, shape and bytes, sorted."""
+    """``"sha256:<hex>"`` over the metadata (but ``checksum``) and every tensor's name, dtype, shape and bytes,
+    sorted."""
     h, enc = hashlib.sha256(b"randlora-checksum-1\0"), lambda s: s.encode("utf-8", "surrogatepass")
     fields = [(enc(k), enc(v)) for k, v in sorted(metadata.items()) if k != "checksum"]
-    fields += [(enc(n), f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode(), _tensor_bytes(t.cpu())) for n, t in sorted(items, key=lambda i: i[0])]
+    fields += [(enc(n), f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode(), _tensor_bytes(t.cpu()))
+               for n, t in sorted(items, key=lambda i: i[0])]
     for b in (b for field in fields for b in field):
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
@@ -1468,7 +1618,8 @@ def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tens
 
 
 def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str], filename: str) -> None:
-    """Write contiguous CPU tensors with safetensors' own writer, numpy-free: specs from data pointers (>= 0.8) or bytes."""
+    """Write contiguous CPU tensors with safetensors' own writer, numpy-free: specs from data pointers (>= 0.8) or
+    bytes."""
     spec, data, tensors = getattr(safetensors, "TensorSpec", None), {}, {}
     for name, t in items:
         kw = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
@@ -1483,7 +1634,8 @@ def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str,
 
 
 def _stat(path: str, expect: Callable[[int], bool] | None = None, what: str = "") -> os.stat_result | None:
-    """``os.stat(path)``, or None when missing; a symlink loop, or a kind ``expect`` refuses, is an error naming the path."""
+    """``os.stat(path)``, or None when missing; a symlink loop, or a kind ``expect`` refuses, is an error naming the
+    path."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -1491,8 +1643,10 @@ def _stat(path: str, expect: Callable[[int], bool] | None = None, what: str = ""
     except OSError as e:
         raise ValueError(f"{path}: symlink loop (too many levels of symbolic links)") if e.errno == 40 else e from None
     if expect is not None and not expect(st.st_mode):
-        kinds = {"d": "a directory", "p": "a FIFO (named pipe)", "c": "a character device", "b": "a block device", "s": "a socket"}
-        kind = "a regular file" if stat.S_ISREG(st.st_mode) else kinds.get(stat.filemode(st.st_mode)[0], "a special file")
+        kinds = {"d": "a directory", "p": "a FIFO (named pipe)", "c": "a character device", "b": "a block device",
+                 "s": "a socket"}
+        kind = ("a regular file" if stat.S_ISREG(st.st_mode)
+                else kinds.get(stat.filemode(st.st_mode)[0], "a special file"))
         raise ValueError(f"{path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; {what}")
     return st
 
@@ -1529,7 +1683,8 @@ def _fsync(path: str) -> None:
 
 
 def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
-    """Write ``path`` (file or folder) by ``write(new)`` in a folder beside it, fsync, rename (README: What a saved adapter guarantees)."""
+    """Write ``path`` (file or folder) by ``write(new)`` in a folder beside it, fsync, rename (README: What a saved
+    adapter guarantees)."""
     parent, name = os.path.split(path)
     for e in os.scandir(parent or "."):  # a killed save's temporary folder (safetensors' own temporary file inside)
         if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
@@ -1564,7 +1719,8 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
 
 
 def _is_writer() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    return (not (torch.distributed.is_available() and torch.distributed.is_initialized())
+            or torch.distributed.get_rank() == 0)
 
 
 def _gather(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -1573,7 +1729,8 @@ def _gather(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.to("cpu", dtype or t.dtype).contiguous()
 
 
-def _file_tensors(layers: Mapping[str, RandLoraAdapter], saved: Mapping[str, SavedModule]) -> list[tuple[str, torch.Tensor]]:
+def _file_tensors(layers: Mapping[str, RandLoraAdapter],
+                  saved: Mapping[str, SavedModule]) -> list[tuple[str, torch.Tensor]]:
     """An adapter file's tensors, gathered to CPU; NaN/Inf refused (naming the layer) before any file changes."""
     items = [(f"{n}.{p}", _gather(getattr(m, p), torch.float32)) for n, m in layers.items() for p in ("lam", "gam")]
     items += [(f"{n}.{k}", _gather(v)) for n, s in saved.items() for k, v in s.trained.state_dict().items()]
@@ -1581,7 +1738,8 @@ def _file_tensors(layers: Mapping[str, RandLoraAdapter], saved: Mapping[str, Sav
         if t.dtype not in _ST_CODES:
             raise TypeError(f"{_short(key)} is {t.dtype}, which a safetensors file cannot hold")
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{_short(key)} has NaN or Inf values (a diverged step?); not saved, files left as they were")
+            raise ValueError(f"{_short(key)} has NaN or Inf values (a diverged step?); "
+                             "not saved, files left as they were")
     return items
 
 
@@ -1599,23 +1757,29 @@ def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
     c, saved = _file_config(layers), _saved_modules(model)
     items = _file_tensors(layers, saved)
     if writer:
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "randlora_version": __version__, "rank": str(c.rank),
-                "alpha": repr(c.alpha), "seed": str(c.seed), "bases": c.bases, "modules_to_save": json.dumps(list(saved)),
-                "layers": json.dumps({n: [m.out_features, m.in_features, m.config.dropout, m.strategy] for n, m in layers.items()})}  # fmt: skip
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "randlora_version": __version__,
+                "rank": str(c.rank), "alpha": repr(c.alpha), "seed": str(c.seed), "bases": c.bases,
+                "modules_to_save": json.dumps(list(saved)),
+                "layers": json.dumps({n: [m.out_features, m.in_features, m.config.dropout, m.strategy]
+                                      for n, m in layers.items()})}
         meta["checksum"] = _checksum(meta, items)
         exists = _stat(path, stat.S_ISREG, "refusing to replace anything but a regular file") is not None
-        _atomic_write(os.path.realpath(path) if exists or os.path.islink(path) else path, lambda tmp: _serialize(items, meta, tmp))
+        _atomic_write(os.path.realpath(path) if exists or os.path.islink(path) else path,
+                      lambda tmp: _serialize(items, meta, tmp))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a :func:`save_adapter` file into ``model``: a plain model gets the recorded layers, an adapted one the values
-    (hot swap). Anything that does not fit or was changed is refused (``ValueError``), the model unchanged."""
+    """Load a :func:`save_adapter` file into ``model``: a plain model gets the recorded layers, an adapted one the
+    values (hot swap). Anything that does not fit or was changed is refused (``ValueError``), the model unchanged."""
     path = os.fspath(path)
     with _open_safetensors(path) as f:
         version = (meta := f.metadata() or {}).get("format_version")
-        if meta.get("format") != FORMAT_NAME or version not in READ_VERSIONS:  # before reading what may be a large other file
-            what = f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}" if meta.get("format") == FORMAT_NAME else ""
-            raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter (metadata format={_short(meta.get('format'))})")
+        # before reading what may be a large other file
+        if meta.get("format") != FORMAT_NAME or version not in READ_VERSIONS:
+            what = (f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}"
+                    if meta.get("format") == FORMAT_NAME else "")
+            raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter "
+                             f"(metadata format={_short(meta.get('format'))})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     odd = next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)
     if odd is not None:
@@ -1623,33 +1787,42 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if version >= "3" and "checksum" not in meta:
         raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
     if "checksum" in meta and meta["checksum"] != _checksum(meta, list(tensors.items())):
-        raise ValueError(f"{path}: checksum mismatch: the file was damaged or changed after it was saved; refusing to load it")
+        raise ValueError(f"{path}: checksum mismatch: "
+                         "the file was damaged or changed after it was saved; refusing to load it")
     shared, layers, saved = _parse_metadata(meta, path, version)
     return _load(model, path, shared, layers, saved, tensors)
 
 
 def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[RandLoraConfig, dict, list[str]]:
-    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field checked."""
+    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field
+    checked."""
     values, version_1 = {}, {"dropout": float} if version == "1" else {}  # format 1: one file-wide dropout
-    for field, parse in dict(rank=int, alpha=float, seed=int, bases=str, **version_1, layers=json.loads, modules_to_save=json.loads).items():
+    for field, parse in dict(rank=int, alpha=float, seed=int, bases=str, **version_1, layers=json.loads,
+                             modules_to_save=json.loads).items():
         try:
             values[field] = parse(meta.get(field, "[]") if field == "modules_to_save" else meta[field])
         except (KeyError, TypeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
             if parse is json.loads:
-                raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON ({type(e).__name__})") from None
-            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, not a valid {parse.__name__}") from None
+                raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON "
+                                 f"({type(e).__name__})") from None
+            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, "
+                             f"not a valid {parse.__name__}") from None
     raw, names, layers, size = values.pop("layers"), values.pop("modules_to_save"), {}, 2 if version == "1" else 4
     try:
         shared = RandLoraConfig(**values)
     except ValueError as e:
         raise ValueError(f"{path}: metadata: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{path}: metadata 'layers' must be a JSON object and 'modules_to_save' a list of distinct names")
+    if (not isinstance(raw, dict) or not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)):
+        raise ValueError(f"{path}: metadata 'layers' must be a JSON object and "
+                         "'modules_to_save' a list of distinct names")
     for name, e in raw.items():
         if not (isinstance(e, list) and len(e) == size and all(type(v) is int and v > 0 for v in e[:2])):
-            raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, expected [out, in{', dropout, strategy' if size == 4 else ''}]")
+            raise ValueError(f"{path}: layer {_short(name)} has {_short(e)}, "
+                             f"expected [out, in{', dropout, strategy' if size == 4 else ''}]")
         try:  # a strategy recorded as "merged" (build's name before 0.2) loads as build
-            config = dataclasses.replace(shared, **({} if size == 2 else dict(dropout=e[2], strategy="build" if e[3] == "merged" else e[3])))
+            config = dataclasses.replace(shared, **({} if size == 2 else dict(
+                dropout=e[2], strategy="build" if e[3] == "merged" else e[3])))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: layer {_short(name)}: {err}") from None
         layers[name] = (e[0], e[1], config)
@@ -1664,7 +1837,8 @@ _TRAINER_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safete
 
 
 def trainer_class(base: type | None = None) -> type:
-    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only (README: Training with the Hugging Face Trainer)."""
+    """A ``transformers.Trainer`` (or ``base``) subclass whose saves are adapter-only (README: Training with the Hugging
+    Face Trainer)."""
     import transformers
 
     class RandLoraTrainer(base or transformers.Trainer):
@@ -1673,7 +1847,8 @@ def trainer_class(base: type | None = None) -> type:
             if created := self.args.should_save and not os.path.isdir(output_dir):
                 os.makedirs(output_dir, exist_ok=True)
             try:
-                _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards are gathered
+                # every rank: FSDP2 shards are gathered
+                _adapter_checkpoint(self.model, output_dir, self.args.should_save)
             except BaseException:
                 if created:  # no incomplete checkpoint folder for resume_from_checkpoint=True to pick
                     shutil.rmtree(output_dir, ignore_errors=True)
@@ -1685,24 +1860,28 @@ def trainer_class(base: type | None = None) -> type:
 
 
 def trainer_callback():
-    """A ``TrainerCallback`` that replaces each checkpoint's whole model by :func:`trainer_class`'s adapter-only files."""
+    """A ``TrainerCallback`` that replaces each checkpoint's whole model by :func:`trainer_class`'s adapter-only
+    files."""
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if control.should_save:  # a diverged adapter is refused before the Trainer writes, or rotates away, a checkpoint
+            # a diverged adapter is refused before the Trainer writes, or rotates away, a checkpoint
+            if control.should_save:
                 _file_tensors(dict(named_adapters(model)), _saved_modules(model))
             return control
 
         on_epoch_end = on_step_end
 
         def on_save(self, args, state, control, model=None, **kwargs):
-            folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            folder = os.path.join(
+                args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if args.should_save and not os.path.isdir(folder):
                 raise FileNotFoundError(f"randlora.trainer_callback: the Trainer wrote no checkpoint folder {folder}")
             try:
                 _adapter_checkpoint(model, folder, args.should_save)
-            except (TypeError, ValueError) as e:  # refused before anything is written: the Trainer's whole-model files stay
+            except (TypeError, ValueError) as e:
+                # refused before anything is written: the Trainer's whole-model files stay
                 if args.should_save:  # resume_from_checkpoint=True then picks the last good one
                     shutil.rmtree(folder + ".refused", ignore_errors=True)  # an earlier run's
                     os.rename(folder, folder + ".refused")
@@ -1732,43 +1911,56 @@ def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:
 # by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in), ".lora_B.weight" (out, k) for LoRA.
 
 PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _PEFT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-_PEFT_FIELDS = {"r": (32, int), "randlora_alpha": (640, (int, float)), "randlora_dropout": (0.0, (int, float)), "bias": ("none", str),
-                "projection_prng_key": (0, int), "save_projection": (True, bool), "sparse": (False, bool), "very_sparse": (False, bool),
-                "fan_in_fan_out": (False, bool), "modules_to_save": (None, (list, type(None))), "target_modules": (None, (str, list))}  # fmt: skip
+_PEFT_FIELDS = {"r": (32, int), "randlora_alpha": (640, (int, float)), "randlora_dropout": (0.0, (int, float)),
+                "bias": ("none", str), "projection_prng_key": (0, int), "save_projection": (True, bool),
+                "sparse": (False, bool), "very_sparse": (False, bool), "fan_in_fan_out": (False, bool),
+                "modules_to_save": (None, (list, type(None))), "target_modules": (None, (str, list))}
 _PEFT_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "exclude_modules",
-                     "target_parameters", "trainable_token_indices", "layer_replication")  # fmt: skip
+                     "target_parameters", "trainable_token_indices", "layer_replication")
 
 
-def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int, draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT 0.21's bases without ``save_projection`` (docs/MATH.md#peft-draws): ``A`` ``(r, d)``, ``B`` ``(D, n, r)`` float32."""
+def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int,
+                     draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT 0.21's bases without ``save_projection`` (docs/MATH.md#peft-draws): ``A`` ``(r, d)``, ``B`` ``(D, n, r)``
+    float32."""
     g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
     if kind == "dense":
         draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)
         A, B = draw(rank, 1, d), torch.cat([draw(D, 1, rank) for _ in range(n)], dim=1)
     else:
         p = 1 / (2 * (math.sqrt(d) if kind == "very_sparse" else 3))
-        A, B = ((u > 1 - p).float() - (u < p).float() for u in (torch.rand((rank, 1, d), generator=g), torch.rand((D, n, rank), generator=g)))
+        A, B = ((u > 1 - p).float() - (u < p).float()
+                for u in (torch.rand((rank, 1, d), generator=g), torch.rand((D, n, rank), generator=g)))
     A, B = A / A.std(), B / B.std()  # in the draw dtype, as PEFT does
     return A[:, 0].float().contiguous(), B.float().contiguous()
 
 
-def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
-    """The PEFT folder at ``path`` (backup, several adapters, pickles named) and its adapter_config.json, every field checked."""
+def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
+    """The PEFT folder at ``path`` and its adapter_config.json, refused naming a backup, several adapters or pickles."""
     folder = os.fspath(path)
     if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
         backup = _backup_path(os.path.realpath(folder))
-        hint = f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup) else ""
+        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup)
+                else "")
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
-    subs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
+    subs = sorted(e.name for e in os.scandir(folder) if e.is_dir()
+                  and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
     pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
     several = f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""
-    pickle = f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled else ""
+    pickle = (f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled
+              else "")
     for name, hint in ((PEFT_CONFIG_NAME, several), (PEFT_WEIGHTS_NAME, pickle)):
         if not os.path.lexists(os.path.join(folder, name)):
             raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
     file = os.path.join(folder, PEFT_CONFIG_NAME)
     if (st := _stat(file, stat.S_ISREG, "refusing to read anything but a regular file")) is None or st.st_size > 2**24:
         raise ValueError(f"{file} is {'missing' if st is None else 'larger than 16 MB'}: not a PEFT adapter folder")
+    return folder, file
+
+
+def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
+    """The PEFT folder at ``path`` and its adapter_config.json's fields, every one checked."""
+    folder, file = _peft_folder(path)
     try:
         with open(file, "rb") as f:
             raw = json.loads(f.read().decode("utf-8"))
@@ -1776,17 +1968,21 @@ def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
         raise ValueError(f"{file} is not UTF-8 JSON: {_short(str(e), 200)}") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "RANDLORA":
         got = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{file}: from_peft reads one RandLoRA adapter (a JSON object with peft_type 'RANDLORA'), got {_short(got)}")
+        raise ValueError(f"{file}: from_peft reads one RandLoRA adapter "
+                         f"(a JSON object with peft_type 'RANDLORA'), got {_short(got)}")
     cfg = {k: raw.get(k, default) for k, (default, _) in _PEFT_FIELDS.items()}
     for k, (_, kinds) in _PEFT_FIELDS.items():
         if (isinstance(cfg[k], bool) and kinds is not bool) or not isinstance(cfg[k], kinds):
             raise ValueError(f"{file}: {k} must be {getattr(kinds, '__name__', kinds)}, got {_short(cfg[k])}")
-    for k in [k for k in _PEFT_UNSUPPORTED if raw.get(k) not in (None, [], {}, "")] + (["bias"] if cfg["bias"] != "none" else []):
+    for k in ([k for k in _PEFT_UNSUPPORTED if raw.get(k) not in (None, [], {}, "")]
+              + (["bias"] if cfg["bias"] != "none" else [])):
         why = " (only 'none': biases are not trained)" if k == "bias" else ""
         raise ValueError(f"{file}: {k}={_short(raw[k])} is not supported by from_peft{why}")
     t, saved = cfg["target_modules"], cfg["modules_to_save"] or []
-    if (isinstance(t, str) and t.lower() == ALL_LINEAR) or not (isinstance(t, str) or (t and all(isinstance(e, str) and e for e in t))):
-        raise ValueError(f"{file}: target_modules must list the module names or be a regex (not 'all-linear'), got {_short(t)}")
+    if ((isinstance(t, str) and t.lower() == ALL_LINEAR)
+        or not (isinstance(t, str) or (t and all(isinstance(e, str) and e for e in t)))):
+        raise ValueError(f"{file}: target_modules must list the module names or be a regex "
+                         f"(not 'all-linear'), got {_short(t)}")
     if not all(isinstance(n, str) and n for n in saved):
         raise ValueError(f"{file}: modules_to_save must be null or a list of module names, got {_short(saved)}")
     try:
@@ -1794,44 +1990,57 @@ def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
         torch.Generator().manual_seed(cfg["projection_prng_key"])
         re.compile(t) if isinstance(t, str) else None
     except (ValueError, RuntimeError, OverflowError, re.error) as e:
-        raise ValueError(f"{file}: {e} (r, randlora_alpha, randlora_dropout, projection_prng_key, target_modules)") from None
-    return folder, cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"] else "sparse" if cfg["sparse"] else "dense"}
+        raise ValueError(f"{file}: {e} (r, randlora_alpha, randlora_dropout, "
+                         "projection_prng_key, target_modules)") from None
+    return folder, cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"]
+                          else "sparse" if cfg["sparse"] else "dense"}
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a Hugging Face PEFT RandLoRA folder into the plain ``model``, in place, checked as :func:`load_adapter` checks;
-    outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
+    """Load a Hugging Face PEFT RandLoRA folder into the plain ``model``, in place, checked as :func:`load_adapter`
+    checks; outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     folder, cfg = _peft_config(path)
     weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {_short(draw_dtype)}")
     if any(True for _ in named_adapters(model)):
-        raise ValueError(f"{type(model).__name__} already has RandLoRA layers; from_peft adapts a plain model (eject() first)")
+        raise ValueError(f"{type(model).__name__} already has RandLoRA layers; "
+                         "from_peft adapts a plain model (eject() first)")
     t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
     selects = (lambda n: re.fullmatch(t, n)) if isinstance(t, str) else (lambda n: any(_name_matches(n, e) for e in t))
     saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
     if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
-        raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module of {type(model).__name__}")
+        raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module "
+                         f"of {type(model).__name__}")
     inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
-    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and n not in saved and not n.startswith(inside)}
+    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and n not in saved
+             and not n.startswith(inside)}
     if not found or None in found.values():
-        what = f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found else "matches no module"
-        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; the model's linear layers: {_linear_names(model)}")
+        what = (f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found
+                else "matches no module")
+        raise ValueError(f"{folder}: target_modules {_short(t)} {what}; "
+                         f"the model's linear layers: {_linear_names(model)}")
     holders = _holders(model)  # a parent under any of the layer's names
-    reads = [n for n in found if any(_weight_reader(p, a) == "computes" for p, a in holders[id(model.get_submodule(n))])]
+    reads = [n for n in found
+             if any(_weight_reader(p, a) == "computes" for p, a in holders[id(model.get_submodule(n))])]
     if reads:
-        raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly (nn.MultiheadAttention, "
-                         "nn.TransformerEncoderLayer), where PEFT's update applies in some modes and not in others: not loadable")  # fmt: skip
-    D, d = max(max(f) for f in found.values()), min(max(o for _, o in found.values()), max(i for i, _ in found.values()))
+        raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly "
+                         "(nn.MultiheadAttention, nn.TransformerEncoderLayer), where PEFT's update applies in some "
+                         "modes and not in others: not loadable")
+    D, d = (max(max(f) for f in found.values()),
+            min(max(o for _, o in found.values()), max(i for i, _ in found.values())))
     with _open_safetensors(weights) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
     if not bases:
-        bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16 if not
-                                 torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16))  # fmt: skip
+        bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16
+                                 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+                                 else torch.float16))
         if not all(torch.isfinite(b).all() for b in bases):
-            raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate (NaN/Inf) for r={cfg['r']}")
-    flags = {"sparse": cfg["sparse"], "very_sparse": cfg["very_sparse"], "projection_prng_key": cfg["projection_prng_key"]}
+            raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate "
+                             f"(NaN/Inf) for r={cfg['r']}")
+    flags = {"sparse": cfg["sparse"], "very_sparse": cfg["very_sparse"],
+             "projection_prng_key": cfg["projection_prng_key"]}
     shared = RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
     layers = {n: (o, i, shared) for n, (i, o) in found.items()}
     return _load(model, folder, shared, layers, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags))
@@ -1853,22 +2062,27 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
         else:
             unexpected.append(k)
     missing = [f"{_PEFT}{n}.randlora_{p}" for n in found for p in ("lambda", "gamma") if f"{n}.{p[:3]}" not in tensors]
-    missing += [f"{_PEFT}{n}.{k}" for n in saved for k in model.get_submodule(n).state_dict() if f"{n}.{k}" not in tensors]
+    missing += [f"{_PEFT}{n}.{k}" for n in saved for k in model.get_submodule(n).state_dict()
+                if f"{n}.{k}" not in tensors]
     missing += [f"{s}.{x}" for s, got in bases.items() for x in ("randlora_A", "randlora_B") if x not in got]
     if cfg["save_projection"] and (not bases or 0 < len(set(bases) - {"base_model"}) < len(found)):
         missing.append("randlora_A/randlora_B")
     if missing or unexpected:
-        hint = " (the file adapts layers target_modules does not select here: wrong model?)" if any("randlora_" in k for k in unexpected) else ""
-        hint += " (save_projection=true: the bases belong at base_model. or to every layer)" if "randlora_A/randlora_B" in missing else ""
-        raise ValueError(f"{weights} does not fit the model: missing keys {_short_list(sorted(missing))}; unexpected keys "
-                         f"{_short_list(sorted(unexpected))}{hint}")  # fmt: skip
+        hint = (" (the file adapts layers target_modules does not select here: wrong model?)"
+                if any("randlora_" in k for k in unexpected) else "")
+        hint += (" (save_projection=true: the bases belong at base_model. or to every layer)"
+                 if "randlora_A/randlora_B" in missing else "")
+        raise ValueError(f"{weights} does not fit the model: missing keys {_short_list(sorted(missing))}; unexpected "
+                         f"keys {_short_list(sorted(unexpected))}{hint}")
     shapes, first = {"randlora_A": (cfg["r"], 1, d), "randlora_B": (D, _num_bases(d, cfg["r"]), cfg["r"])}, {}
     for x, k in sorted((x, k) for got in bases.values() for x, k in got.items()):
         t = f.get_tensor(k)
         if not t.is_floating_point() or tuple(t.shape) != shapes[x] or not torch.isfinite(t).all():
-            raise ValueError(f"{weights}: {_short(k)} is {t.dtype} {tuple(t.shape)}; expected finite floats of shape {shapes[x]}")
+            raise ValueError(f"{weights}: {_short(k)} is {t.dtype} {tuple(t.shape)}; "
+                             f"expected finite floats of shape {shapes[x]}")
         if not torch.equal(first.setdefault(x, t), t):
-            raise ValueError(f"{weights}: the stored copies of the shared bases differ ({_short(k)}); the file is inconsistent")
+            raise ValueError(f"{weights}: the stored copies of the shared bases differ "
+                             f"({_short(k)}); the file is inconsistent")
     return tensors, (first["randlora_A"][:, 0], first["randlora_B"]) if first else ()
 
 
@@ -1879,32 +2093,41 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
     for name, m in layers.items():
-        if isinstance(m, RandLoraWeight) or m._dropout_refusal:  # a parent, under any of the layer's names, reads its weight
-            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly (nn.MultiheadAttention, "
-                             f"nn.TransformerEncoderLayer): PEFT {what} would skip it")  # fmt: skip
-        if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):  # bitsandbytes' layers are nn.Linear, hooked ones too
-            raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only nn.Linear, Conv1D "
-                             "and bitsandbytes' Linear8bitLt / Linear4bit")  # fmt: skip
+        # a parent, under any of the layer's names, reads its weight
+        if isinstance(m, RandLoraWeight) or m._dropout_refusal:
+            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads "
+                             "directly (nn.MultiheadAttention, nn.TransformerEncoderLayer): "
+                             f"PEFT {what} would skip it")
+        # bitsandbytes' layers are nn.Linear, hooked ones too
+        if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):
+            raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only "
+                             "nn.Linear, Conv1D and bitsandbytes' Linear8bitLt / Linear4bit")
     for name in saved:
-        others = [n for n, _ in model.named_modules() if n.endswith(name) and n != name and not n.startswith(name + ".")]
+        others = [n for n, _ in model.named_modules() if n.endswith(name) and n != name
+                  and not n.startswith(name + ".")]
         if others:
-            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would also select "
-                             f"{_short_list(others, 5)}; this adapter cannot be written in PEFT's format")  # fmt: skip
+            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name "
+                             f"suffix and would also select {_short_list(others, 5)}; this adapter "
+                             "cannot be written in PEFT's format")
     return layers, saved
 
 
-def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], peft_type: str, layers: Mapping, saved: Mapping, **config) -> None:
+def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], peft_type: str, layers: Mapping,
+                saved: Mapping, **config) -> None:
     """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
     target = os.path.realpath(path := os.fspath(path))
-    if os.path.isdir(_backup_path(target)) and _is_writer():  # a crash in an earlier save's window, or while it removed it
+    # a crash in an earlier save's window, or while it removed it
+    if os.path.isdir(_backup_path(target)) and _is_writer():
         shutil.rmtree(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
     st = _stat(path, stat.S_ISDIR, "an adapter folder is written there")
     subs = sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False)) if st else []
     if subs:
-        raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); the adapter folder is replaced as a whole and they would be lost")
-    config |= {"peft_type": peft_type, "base_model_name_or_path": None, "bias": "none", "inference_mode": True, "task_type": None,
-               "fan_in_fan_out": any(_is_conv1d(m.base) for m in layers.values()), "modules_to_save": list(saved) or None,
-               "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")"}  # fmt: skip
+        raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); "
+                         "the adapter folder is replaced as a whole and they would be lost")
+    config |= {"peft_type": peft_type, "base_model_name_or_path": None, "bias": "none", "inference_mode": True,
+               "task_type": None, "fan_in_fan_out": any(_is_conv1d(m.base) for m in layers.values()),
+               "modules_to_save": list(saved) or None,
+               "target_modules": "(?:" + "|".join(re.escape(n) for n in layers) + ")"}
 
     def write(tmp: str) -> None:
         _serialize(items, {"format": "pt"}, os.path.join(tmp, PEFT_WEIGHTS_NAME))
@@ -1914,7 +2137,8 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
             if e.name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
                 shutil.copymode(e.path, os.path.join(tmp, e.name))
             else:
-                os.symlink(os.readlink(e.path), os.path.join(tmp, e.name)) if e.is_symlink() else shutil.copy2(e.path, os.path.join(tmp, e.name))
+                (os.symlink(os.readlink(e.path), os.path.join(tmp, e.name)) if e.is_symlink()
+                 else shutil.copy2(e.path, os.path.join(tmp, e.name)))
 
     if _is_writer():
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -1922,36 +2146,45 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
 
 
 def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter as a PEFT RandLoRA folder, bases stored, that ``PeftModel.from_pretrained(base, path)`` loads to
-    compute what ``model`` computes. Refused, files untouched, for what PEFT would compute differently."""
+    """Write the adapter as a PEFT RandLoRA folder, bases stored, that ``PeftModel.from_pretrained(base, path)`` loads
+    to compute what ``model`` computes. Refused, files untouched, for what PEFT would compute differently."""
     layers, saved = _peft_layers(model, "RandLoRA")
     first = next(iter(layers.values()))
     for name, m in layers.items():
         if m._bases is not first._bases or m.config.dropout != first.config.dropout:
-            raise ValueError(f"layer {_short(name)} has other settings or bases than {_short(first.name)}; a PEFT adapter has one of each")
+            raise ValueError(f"layer {_short(name)} has other settings or bases than {_short(first.name)}; "
+                             "a PEFT adapter has one of each")
     widths, bases, rank = sorted({m.d for m in layers.values()}), first._bases, first.rank
     if bases.kind == "very_sparse" and len(widths) > 1:
-        raise ValueError(f"very_sparse bases use each layer's own sparsity sqrt(min(in, out)) and the layers have widths {widths}; "
-                         "PEFT shares one pair of bases with one sparsity: this adapter cannot be written in its format")  # fmt: skip
-    D, d = max(m.D for m in layers.values()), min(max(m.out_features for m in layers.values()), max(m.in_features for m in layers.values()))
+        raise ValueError("very_sparse bases use each layer's own sparsity sqrt(min(in, out)) and the layers "
+                         f"have widths {widths}; PEFT shares one pair of bases with one sparsity: this adapter "
+                         "cannot be written in its format")
+    D, d = (max(m.D for m in layers.values()),
+            min(max(m.out_features for m in layers.values()), max(m.in_features for m in layers.values())))
     A, Bf = bases.dense(D, d, width=widths[0])
     for w in widths if bases.kind != "dense" else ():
         if not torch.equal(bases.dense(D, w)[0], A[:, :w]):
-            raise ValueError(f"{bases.kind} bases choose a few entries of A per layer width min(in, out) so that ΔW is full rank "
-                             f"(docs/MATH.md#sparse-bases), and width {w}'s A is not the first {w} columns of the widest one's, "
-                             f"all PEFT can express: save with save_adapter(), or use widths that are multiples of rank {rank}")  # fmt: skip
+            raise ValueError(f"{bases.kind} bases choose a few entries of A per layer width min(in, out) so that ΔW "
+                             f"is full rank (docs/MATH.md#sparse-bases), and width {w}'s A is not the first {w} "
+                             "columns of the widest one's, all PEFT can express: save with save_adapter(), or use "
+                             f"widths that are multiples of rank {rank}")
     A, B = A.reshape(rank, 1, d).contiguous(), Bf.reshape(D, -1, rank).contiguous()
-    items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t) for k, t in _file_tensors(layers, {})]
+    items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t)
+             for k, t in _file_tensors(layers, {})]
     items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)]
-    items += [(f"{s}.randlora_{x}", t) for s in [*(_PEFT + n for n in layers), "base_model"] for x, t in (("A", A), ("B", B))]
-    flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse", "projection_prng_key": 0}
-    _peft_write(path, items, "RANDLORA", layers, saved, r=rank, randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
-                randlora_dropout=first.config.dropout, save_projection=True, **flags)  # fmt: skip
+    items += [(f"{s}.randlora_{x}", t) for s in [*(_PEFT + n for n in layers), "base_model"]
+              for x, t in (("A", A), ("B", B))]
+    flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse",
+                           "projection_prng_key": 0}
+    _peft_write(path, items, "RANDLORA", layers, saved, r=rank,
+                randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
+                randlora_dropout=first.config.dropout, save_projection=True, **flags)
 
 
 def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bool = False) -> dict[str, float]:
-    """Export as a PEFT **LoRA** folder: per layer the best rank-``rank`` approximation of ``scaling * ΔW`` (docs/MATH.md#export-to-lora).
-    Returns each layer's relative Frobenius error ``||ΔW - ΔW_k|| / ||ΔW||`` (printed with ``verbose``)."""
+    """Export as a PEFT **LoRA** folder: per layer the best rank-``rank`` approximation of ``scaling * ΔW``
+    (docs/MATH.md#export-to-lora). Returns each layer's relative Frobenius error ``||ΔW - ΔW_k|| / ||ΔW||`` (printed
+    with ``verbose``)."""
     RandLoraConfig(rank=rank)  # the rank check and message of inject's
     layers, saved = _peft_layers(model, "LoRA")
     items, errors = [], {}
@@ -1961,11 +2194,13 @@ def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bo
         U, S, Vh = torch.linalg.svd(m.delta_weight(torch.float64), full_matrices=False)
         k, total = min(rank, S.numel()), S.square().sum()
         errors[name] = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0
-        A, B = (torch.zeros(*s, dtype=torch.float64, device=S.device) for s in ((rank, m.in_features), (m.out_features, rank)))
+        A, B = (torch.zeros(*s, dtype=torch.float64, device=S.device)
+                for s in ((rank, m.in_features), (m.out_features, rank)))
         A[:k], B[:, :k] = S[:k].sqrt()[:, None] * Vh[:k], U[:, :k] * S[:k].sqrt()
         items += [(f"{_PEFT}{name}.lora_A.weight", A.float().cpu()), (f"{_PEFT}{name}.lora_B.weight", B.float().cpu())]
     if verbose:
         print("\n".join(f"{n}: relative error {e:.4g}" for n, e in errors.items()))
-    _peft_write(path, items + [(_PEFT + k, t) for k, t in _file_tensors({}, saved)], "LORA", layers, saved, r=rank, lora_alpha=rank,
-                lora_dropout=0.0, use_rslora=False, use_dora=False, init_lora_weights=True)  # fmt: skip
+    _peft_write(path, items + [(_PEFT + k, t) for k, t in _file_tensors({}, saved)], "LORA", layers, saved, r=rank,
+                lora_alpha=rank, lora_dropout=0.0, use_rslora=False, use_dora=False,
+                init_lora_weights=True)
     return errors
