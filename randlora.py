@@ -1907,8 +1907,8 @@ def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:
 # -----------------------------------------------------------------------------
 # PEFT interop: a PEFT RandLoRA folder is translated onto the load pipeline above; to_peft and to_lora write folders
 # PeftModel.from_pretrained loads. Keys: "base_model.model.<layer>.randlora_lambda" (r, n), ".randlora_gamma" (n, d),
-# the shared bases "randlora_A" (r, 1, d_max) and "randlora_B" (D_max, n_max, r) per layer and at "base_model.", sized
-# by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in), ".lora_B.weight" (out, k) for LoRA.
+# the shared bases "randlora_A" (r, 1, d_max) and "randlora_B" (D_max, n_max, r) at "base_model." (PEFT <= 0.21: and
+# per layer), sized by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in), ".lora_B.weight" (out, k) for LoRA.
 
 PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _PEFT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _PEFT_FIELDS = {"r": (32, int), "randlora_alpha": (640, (int, float)), "randlora_dropout": (0.0, (int, float)),
@@ -2172,8 +2172,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
     items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t)
              for k, t in _file_tensors(layers, {})]
     items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)]
-    items += [(f"{s}.randlora_{x}", t) for s in [*(_PEFT + n for n in layers), "base_model"]
-              for x, t in (("A", A), ("B", B))]
+    items += [("base_model.randlora_A", A), ("base_model.randlora_B", B)]  # once, as PEFT 0.22 writes them
     flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse",
                            "projection_prng_key": 0}
     _peft_write(path, items, "RANDLORA", layers, saved, r=rank,

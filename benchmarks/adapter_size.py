@@ -10,9 +10,11 @@ temporary folder and deleted again:
 
 * ``randlora.save_adapter``: lam/gam only (float32); the bases are regenerated from the seed.
 * PEFT ``save_pretrained`` (``save_projection=True``, PEFT's default): lam/gam plus the shared
-  bases ``randlora_A`` (r, 1, d_max) and ``randlora_B`` (D_max, n_max, r), stored once per
-  adapted layer and once more for the model, in the base model's dtype (bf16 here).
-* ``randlora.to_peft``: the same PEFT layout with float32 bases (so any machine loads it exactly).
+  bases ``randlora_A`` (r, 1, d_max) and ``randlora_B`` (D_max, n_max, r) in the base model's
+  dtype (bf16 here), stored once per adapted layer and once more by PEFT up to 0.21, once by 0.22
+  (the table counts the copies in the file).
+* ``randlora.to_peft``: PEFT's layout with the bases once, at ``base_model.``, in float32 (so any
+  machine loads it exactly).
 
 Prints a markdown table and writes ``benchmarks/results/adapter_size.json`` (or ``$OUT``).
 """
@@ -49,6 +51,15 @@ def build(dtype: torch.dtype) -> torch.nn.Module:
     return model.to_empty(device="cpu").eval()  # uninitialised: sizes do not depend on values
 
 
+def copies(folder: str) -> str:
+    """How many copies of randlora_A a PEFT folder's weights file holds, in words."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
+        n = sum(k.endswith("randlora_A") for k in f.keys())
+    return "once" if n == 1 else f"{n} times (per layer and once more)"
+
+
 def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -79,7 +90,8 @@ def main() -> None:
             t = time.perf_counter()
             randlora.to_peft(model, os.path.join(tmp, "to_peft"))
             size = folder_bytes(os.path.join(tmp, "to_peft"))
-            rows.append(("randlora `to_peft`", "PEFT layout: lam/gam + bases per layer and once more (float32)", size, time.perf_counter() - t))
+            what = f"PEFT layout: lam/gam + the bases {copies(os.path.join(tmp, 'to_peft'))} (float32)"
+            rows.append(("randlora `to_peft`", what, size, time.perf_counter() - t))
             shutil.rmtree(os.path.join(tmp, "to_peft"))
         del model, layers
         gc.collect()
@@ -95,7 +107,8 @@ def main() -> None:
         rows.append(
             (
                 "PEFT `save_pretrained`",
-                f"lambda/gamma + randlora_A {tuple(A.shape)} and randlora_B {tuple(B.shape)} ({str(B.dtype).removeprefix('torch.')}) per layer and once more",
+                f"lambda/gamma + randlora_A {tuple(A.shape)} and randlora_B {tuple(B.shape)} ({str(B.dtype).removeprefix('torch.')}) "
+                f"{copies(os.path.join(tmp, 'peft'))}",
                 size,
                 time.perf_counter() - t,
             )

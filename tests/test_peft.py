@@ -447,9 +447,8 @@ def test_peft_to_ours_to_peft(tmp_path):
     randlora.to_peft(ours, tmp_path / "b")
     a, b = load_file(f"{folder}/{PEFT_W}"), load_file(tmp_path / "b" / PEFT_W)
     copy_of_bases = re.compile(r"base_model\.model\..*\.randlora_[AB]")  # per layer: PEFT <= 0.21 writes them, 0.22 not
-    assert {k for k in a if not copy_of_bases.fullmatch(k)} == {k for k in b if not copy_of_bases.fullmatch(k)}
-    assert all(torch.equal(a[k].float(), b[k]) for k in a)
-    assert all(torch.equal(b[k], b[f"base_model.randlora_{k[-1]}"]) for k in b if copy_of_bases.fullmatch(k))
+    assert {k for k in a if not copy_of_bases.fullmatch(k)} == set(b)  # to_peft writes the bases once, as 0.22
+    assert all(torch.equal(a[k].float(), b[f"base_model.randlora_{k[-1]}" if copy_of_bases.fullmatch(k) else k]) for k in a)
     cfg = json.loads((tmp_path / "b" / PEFT_C).read_text())
     assert cfg["sparse"] is True and cfg["very_sparse"] is False and cfg["projection_prng_key"] == 3
 
