@@ -24,7 +24,8 @@ import shutil
 import stat
 import sys
 import weakref
-from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import safetensors
 import torch
@@ -168,7 +169,7 @@ class _Bases:
         self.stored = None if stored is None else tuple(t.detach().to("cpu", torch.float32) for t in stored)
         self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __deepcopy__(self, memo: dict) -> "_Bases":
+    def __deepcopy__(self, memo: dict) -> _Bases:
         return self
 
     def __reduce__(self):  # unpickled (torch.load of a whole model), seeded bases are the shared object again
@@ -213,10 +214,10 @@ class _Bases:
         """One layer's bases as floats: ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)``."""
         return tuple(_materialize(t, dtype, self.scale(width or d)) for t in self.get(D, d, device, dtype, width))
 
-    _shared: "weakref.WeakValueDictionary[tuple, _Bases]" = weakref.WeakValueDictionary()  # freed with the last layer
+    _shared: weakref.WeakValueDictionary[tuple, _Bases] = weakref.WeakValueDictionary()  # freed with the last layer
 
     @classmethod
-    def seeded(cls, config: RandLoraConfig) -> "_Bases":
+    def seeded(cls, config: RandLoraConfig) -> _Bases:
         """The one bases object of ``config``'s (rank, seed, kind) while any layer holds it."""
         key = (config.rank, config.seed, config.bases)
         return cls._shared.setdefault(key, cls(*key))
@@ -346,7 +347,7 @@ class _Call(NamedTuple):
 
     plan: _Plan
     build: bool
-    memo: "_WeightMemo | None" = None
+    memo: _WeightMemo | None = None
     key: tuple | None = None
     keep: bool = False  # this forward leaves its W' in memo: a checkpoint recompute, or hold_weights
     unpack: Callable[[], torch.Tensor] | None = None  # a 4-bit base's dequantizer (a new tensor per call)
@@ -382,7 +383,7 @@ class _WeightMemo:
     entry: tuple[tuple, torch.Tensor] | None = None
     hold: bool = False
 
-    def __deepcopy__(self, memo: dict) -> "_WeightMemo":
+    def __deepcopy__(self, memo: dict) -> _WeightMemo:
         return _WeightMemo()  # a copy of the model never shares a held W'
 
     @staticmethod
@@ -530,7 +531,7 @@ _ON_META = ("layer {}: lam/gam are on the meta device (adapted while on meta, or
 class _Views(dict):
     """A layer's views of the shared bases per compute dtype: immutable values, so a copy of the model shares them."""
 
-    def __deepcopy__(self, memo: dict) -> "_Views":
+    def __deepcopy__(self, memo: dict) -> _Views:
         return self
 
 
@@ -1133,7 +1134,7 @@ def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: li
                                  "contain another: select one of them")
 
 
-Targets = Union[str, Sequence[str], Callable[[str, nn.Module], bool]]
+Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 # heads "all-linear" leaves out, as PEFT
 ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")
 
@@ -1908,7 +1909,8 @@ def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:
 # PEFT interop: a PEFT RandLoRA folder is translated onto the load pipeline above; to_peft and to_lora write folders
 # PeftModel.from_pretrained loads. Keys: "base_model.model.<layer>.randlora_lambda" (r, n), ".randlora_gamma" (n, d),
 # the shared bases "randlora_A" (r, 1, d_max) and "randlora_B" (D_max, n_max, r) at "base_model." (PEFT <= 0.21: and
-# per layer), sized by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in), ".lora_B.weight" (out, k) for LoRA.
+# per layer), sized by the element-wise maximum of the targets' (out, in); ".lora_A.weight" (k, in) and
+# ".lora_B.weight" (out, k) for LoRA.
 
 PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _PEFT = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _PEFT_FIELDS = {"r": (32, int), "randlora_alpha": (640, (int, float)), "randlora_dropout": (0.0, (int, float)),
