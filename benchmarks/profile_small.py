@@ -1,6 +1,7 @@
 """Kernel time against host time of bench_small's training steps: is a step compute-bound or host-bound?
 
     python benchmarks/profile_small.py --shapes minilm,bert-base --methods lora,ours --json $OUT/profile_small.json
+    python benchmarks/profile_small.py --shapes bert-base --mode compile --warmup 5   # the compiled step
 
 For each (shape, method), interleaved over ``--reps`` repeats: a fresh model as bench_small builds it (bf16 weights,
 all linear layers of the blocks, RandLoRA's rank matched to LoRA r16's count), ``--warmup`` steps, then ``--steps``
@@ -30,8 +31,10 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunc
 
 def measure(spec: dict, info: dict, method: str, args) -> dict:
     """One fresh model: unprofiled wall time per step, then a profile of as many steps."""
+    torch._dynamo.reset()  # each run compiles its own model, as bench_small's runs do
     model = attach(method, build_base(spec, "cuda", torch.bfloat16), spec, info)
-    step, _, _ = make_step(method, "eager", model, model, spec, "cuda")
+    fn = model if args.mode == "eager" else torch.compile(model, mode=None if args.mode == "compile" else "reduce-overhead")
+    step, _, _ = make_step(method, args.mode, model, fn, spec, "cuda")
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
@@ -62,7 +65,8 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,ours")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="steps before timing (compiled modes: the first compiles)")
+    ap.add_argument("--mode", default="eager", choices=["eager", "compile", "ro"], help="as bench_small's --modes")
     ap.add_argument("--rows", type=int, default=8, help="CPU operators listed per run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -74,14 +78,15 @@ def main() -> None:
         info = shape_info(spec)
         for rep in range(args.reps):
             for method in args.methods.split(","):
-                r = dict(shape=name, method=method, rep=rep, **measure(spec, info, method, args))
+                r = dict(shape=name, method=method, mode=args.mode, rep=rep, **measure(spec, info, method, args))
                 runs.append(r)
                 if args.json:  # after every run: a call's time limit keeps the runs so far
                     with open(args.json, "w") as f:
                         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, runs=runs), f, indent=1)
                 print(f"{name} {method} rep{rep}: wall {r['wall_ms']:.2f} ms, GPU busy {r['busy_ms']:.2f} ms "
                       f"({r['busy_ms'] / r['wall_ms']:.2f}), {r['launches']:.0f} launches", flush=True)
-    print(f"\n## profile_small: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights; median of {args.reps} runs")
+    print(f"\n## profile_small: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 weights, mode {args.mode}; "
+          f"median of {args.reps} runs")
     print("| shape | method | wall ms / step | GPU busy ms / step | busy ÷ wall | kernel launches / step |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.shapes.split(","):
