@@ -1125,8 +1125,7 @@ def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: li
 
 
 Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
-# heads "all-linear" leaves out, as PEFT
-ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")
+ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")  # heads it leaves out, as PEFT
 
 
 def _linear_names(model: nn.Module) -> str:
