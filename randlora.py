@@ -996,10 +996,9 @@ def _classify(module: nn.Module) -> tuple[str, str | None]:
     free = not parametrize.is_parametrized(module) and not _own_call(module)
     if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    c4 = next((c for c in type(module).__mro__  # by name: bitsandbytes is never imported; its layers are nn.Linear
-               if c.__module__.startswith("bitsandbytes") and c.__name__ == "Linear4bit"), None)
-    layout = ("4bit" if free and c4 and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward
-              else "opaque")
+    bnb4 = any(c.__module__.startswith("bitsandbytes") and c.__name__ == "Linear4bit"  # by name: bitsandbytes is
+               and c.forward is type(module).forward for c in type(module).__mro__)  # never imported; an nn.Linear
+    layout = "4bit" if free and bnb4 and type(w).__name__ == "Params4bit" else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
