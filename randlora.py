@@ -977,17 +977,9 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _plain_weight(w: object) -> bool:
-    """A plain floating 2-D tensor (quantized subclasses pack values behind a float dtype; FSDP2 shards are
-    DTensors)."""
+    """A plain floating 2-D tensor (quantized subclasses pack values behind float dtypes; FSDP2 shards are DTensors)."""
     return ((type(w) in (torch.Tensor, nn.Parameter) or type(w).__name__ == "DTensor") and w.is_floating_point()
             and w.dim() == 2)
-
-
-def _bnb_class(module: nn.Module, *names: str) -> type | None:
-    """The bitsandbytes class among ``names`` that ``module`` is an instance of (by name: bitsandbytes is never
-    imported)."""
-    return next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes") and c.__name__ in names),
-                None)
 
 
 def _own_call(module: nn.Module) -> bool:
@@ -1004,17 +996,16 @@ def _classify(module: nn.Module) -> tuple[str, str | None]:
     free = not parametrize.is_parametrized(module) and not _own_call(module)
     if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    c4 = _bnb_class(module, "Linear4bit")  # bitsandbytes' layers subclass nn.Linear
-    layout = ("4bit" if free and c4 and type(w).__name__ == "Params4bit" and type(module).forward is c4.forward
-              else "opaque")
+    bnb4 = any(c.__module__.startswith("bitsandbytes") and c.__name__ == "Linear4bit"  # by name: bitsandbytes is
+               and c.forward is type(module).forward for c in type(module).__mro__)  # never imported; an nn.Linear
+    layout = "4bit" if free and bnb4 and type(w).__name__ == "Params4bit" else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None
 
 
 def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
-    """A 4-bit base's ``W`` ``(out, in)`` in ``dtype``, a new tensor per call; None where only its own forward
-    computes."""
+    """A 4-bit base's ``W`` ``(out, in)`` in ``dtype``, new per call; None where only its own forward computes."""
     qs = getattr(module.weight, "quant_state", None)
     if (qs is None or getattr(qs, "packing_format_for_cpu", False)
         or getattr(module, "compute_dtype", None) not in (None, dtype)):
@@ -1041,7 +1032,7 @@ def _mha_weights(mha: nn.MultiheadAttention) -> tuple[str, ...]:
 def _target_shapes(module: nn.Module) -> list[tuple[str, int, int]] | None:
     """``(adapter name suffix, in, out)`` of each weight an adapter on ``module`` adapts, or None: no target."""
     if not isinstance(module, nn.MultiheadAttention):
-        return None if _features(module) is None else [("", *_features(module))]
+        return [("", *feats)] if (feats := _features(module)) else None
     shapes = [(f".parametrizations.{p}.0", *getattr(module, p).shape[::-1]) for p in _mha_weights(module)]
     return shapes + [(".out_proj", module.out_proj.in_features, module.out_proj.out_features)]
 
@@ -1097,9 +1088,8 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
         if config.dropout > 0 and why:
             raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call "
                              "of its own) or leave it out of the targets")
-        plain_in = mha and all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p))
-                               for p in _mha_weights(module))
-        if mha and not (plain_in and _classify(module.out_proj)[0] == "linear"):
+        if mha and not (all(not parametrize.is_parametrized(module, p) and _plain_weight(getattr(module, p))
+                            for p in _mha_weights(module)) and _classify(module.out_proj)[0] == "linear"):
             raise ValueError(refuse + "its input projection or out_proj is parametrized or not a plain floating weight")
         if mha and (first := next(n for n, m in model.named_modules() if m is module.out_proj)) != f"{name}.out_proj":
             raise ValueError(refuse + f"its out_proj is first held as {_short(first)}, the name files would give "
@@ -1114,8 +1104,7 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
-    """Refuse modules to save that cannot be (the root, RandLoRA wrappers or their insides, targets) and nested selected
-    modules."""
+    """Refuse modules to save that cannot be (the root, RandLoRA wrappers or insides, targets) and nested selections."""
     targeted, wrappers = {id(m) for _, m in found}, (RandLoraAdapter, SavedModule)
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, wrappers))
     for name, m in saved:
@@ -1135,8 +1124,7 @@ def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: li
 
 
 Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
-# heads "all-linear" leaves out, as PEFT
-ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")
+ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_outputs")  # heads it leaves out, as PEFT
 
 
 def _linear_names(model: nn.Module) -> str:
@@ -1151,8 +1139,7 @@ def _name_matches(name: str, entry: str) -> bool:
 
 def _match(model: nn.Module, targets: Targets, what: str = "targets",
            skip: Sequence[nn.Module] = ()) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` selected by ``targets`` (see :func:`inject`) in model order, each module once, under its first
-    name."""
+    """``(name, module)`` that ``targets`` (see :func:`inject`) selects, in model order, once, by its first name."""
     is_list = (isinstance(targets, (list, tuple, set, frozenset)) and targets
                and all(isinstance(e, str) for e in targets))
     if not (is_list or isinstance(targets, str) or (callable(targets) and not isinstance(targets, type))):
@@ -1188,8 +1175,7 @@ def _match(model: nn.Module, targets: Targets, what: str = "targets",
 
 
 def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Put ``new[id(m)]`` wherever each module ``m`` is, in one scan (a module under two names stays one); the slots
-    filled."""
+    """Put ``new[id(m)]`` wherever ``m`` is, in one scan (a module under two names stays one); the slots filled."""
     holders = _holders(model)
     slots = [(parent, attr, module) for i, module in new.items() for parent, attr in holders.get(i, [])]
     for parent, attr, module in slots:
@@ -1198,8 +1184,7 @@ def _replace(model: nn.Module, new: Mapping[int, nn.Module]) -> list[tuple[nn.Mo
 
 
 def _adapt(name: str, module: nn.Module, config: RandLoraConfig, bases: _Bases | None = None) -> dict[int, nn.Module]:
-    """``{id(old): new}`` for the checked target ``name``: a RandLoraLinear; an MHA's input projection is adapted in
-    place."""
+    """``{id(old): RandLoraLinear}`` for checked target ``name``; an MHA's input projection is adapted in place."""
     if not isinstance(module, nn.MultiheadAttention):
         return {id(module): RandLoraLinear(module, config, name, bases=bases)}
     order = list(module._parameters)  # before any parametrization: unwrap puts them back in this order
@@ -1251,9 +1236,8 @@ def inject(
         if getattr(dataclasses.replace(config, **{field: value}), field) != getattr(config, field):
             raise ValueError(f"inject got {field}={_short(value)} and "
                              f"config.{field}={_short(getattr(config, field))}; pass one of them")
-    none = (modules_to_save is None
-            or (isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save))
-    saved = [] if none else _match(model, modules_to_save, "modules_to_save")
+    empty = isinstance(modules_to_save, (list, tuple, set, frozenset)) and not modules_to_save
+    saved = [] if modules_to_save is None or empty else _match(model, modules_to_save, "modules_to_save")
     found = _match(model, targets, "targets", skip=[m for _, m in saved])
     if not found:
         raise ValueError(f"targets {_short(targets)} selected no module; linear layers: {_linear_names(model)}")
@@ -1281,8 +1265,7 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
     for n, m, c in sorted(targets, key=lambda t: -max(i * o for _, i, o in _target_shapes(t[1]))):
         new |= _adapt(n, m, c, bases)
     for parent, attr, m in _replace(model, new | copies):
-        # a parent under any of its names may read the weight
-        if isinstance(m, RandLoraLinear) and not m._dropout_refusal:
+        if isinstance(m, RandLoraLinear) and not m._dropout_refusal:  # any parent holding it may read the weight
             m._dropout_refusal = _no_dropout(parent, attr, m)
     for _, m in named_adapters(model):
         m._replan()  # every layer views the newest (largest) copy of the bases
@@ -1290,8 +1273,7 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
 
 
 def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
-    """Refuse, before anything changes, to merge into a weight that is not a plain tensor or that another module
-    shares."""
+    """Refuse, before any change, to merge into a weight that is not a plain tensor or that another module shares."""
 
     def where(p: torch.Tensor) -> object:  # one weight: one Parameter, or two on one storage (a tie made through .data)
         with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
@@ -1315,8 +1297,7 @@ def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str)
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Add every adapter's ``scaling * ΔW`` into its base weight (idempotent); refused, model unchanged, where it
-    cannot."""
+    """Add each adapter's ``scaling * ΔW`` to its base weight (idempotent); refused, model unchanged, if it cannot."""
     layers = [m for _, m in named_adapters(model)]
     _check_mergeable(model, layers, "merge")
     for m in layers:
