@@ -1774,8 +1774,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if "checksum" in meta and meta["checksum"] != _checksum(meta, list(tensors.items())):
         raise ValueError(f"{path}: checksum mismatch: "
                          "the file was damaged or changed after it was saved; refusing to load it")
-    shared, layers, saved = _parse_metadata(meta, path, version)
-    return _load(model, path, shared, layers, saved, tensors)
+    return _load(model, path, *_parse_metadata(meta, path, version), tensors)
 
 
 def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[RandLoraConfig, dict, list[str]]:
@@ -1841,8 +1840,7 @@ def trainer_class(base: type | None = None) -> type:
 
 
 def trainer_callback():
-    """A ``TrainerCallback`` that replaces each checkpoint's whole model by :func:`trainer_class`'s adapter-only
-    files."""
+    """A ``TrainerCallback`` replacing each checkpoint's whole model by :func:`trainer_class`'s adapter-only files."""
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
