@@ -1419,8 +1419,7 @@ _ST_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"`` and each module to save's full
-    state."""
+    """What an adapter file holds (detached): ``"<layer>.lam"``, ``"<layer>.gam"``, each module to save's state."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     state = {f"{n}.{p}": getattr(m, p).detach() for n, m in named_adapters(model) for p in ("lam", "gam")}
     return state | {f"{n}.{k}": v.detach() for n, s in _saved_modules(model).items()
@@ -1428,8 +1427,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy the values of ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place, all checked
-    first."""
+    """Copy ``state`` (as :func:`adapter_state_dict` gives it) into ``model``, in place, all checked first."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = {n: (m.out_features, m.in_features, m.config) for n, m in named_adapters(model)}
     if not layers:
@@ -1469,8 +1467,7 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
           tensors: Mapping, bases: _Bases | None = None) -> nn.Module:
     """The one load pipeline (files, state dicts, PEFT folders): check everything, then change ``model``."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
+    if meta := [n for n, p in model.named_parameters() if p.is_meta]:
         raise ValueError(f"{source}: cannot load values into a model on the meta device ({len(meta)} "
                          f"parameters, e.g. {_short_list(meta, 3)}); materialize it first: "
                          "model.to_empty(device=...), then load its weights")
@@ -1480,9 +1477,8 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
         against = {n: s.trained for n, s in _saved_modules(model).items()}
     else:
         targets = _adapter_targets(model, layers, source)
-        if any(n not in modules for n in saved_names):
-            raise ValueError(f"{source}: module to save {_short_list([n for n in saved_names if n not in modules])} "
-                             "is not in the model")
+        if absent := [n for n in saved_names if n not in modules]:
+            raise ValueError(f"{source}: module to save {_short_list(absent)} is not in the model")
         against = {n: modules[n] for n in saved_names}
         try:
             _check_targets(model, [(n, m) for n, m, _ in targets], {n: c for n, _, c in targets}, bases is not None)
@@ -1502,8 +1498,7 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
             adapters[name].set_config(config)  # dropout and strategy as saved: a resumed run is bit-exact
             adapters[name]._memo.entry = None
     for name, s in _saved_modules(model).items():
-        s.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")},
-                                  strict=True)
+        s.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
     return model
 
 
@@ -1525,8 +1520,7 @@ def _adapter_targets(model: nn.Module, layers: Mapping[str, tuple],
         if shapes is None:
             raise ValueError(f"{source}: adapter layer {_short(target)} is a {type(m).__name__} in the "
                              "model, not a linear layer")
-        missing = [target + s for s, _, _ in shapes if target + s not in layers]
-        if missing:
+        if missing := [target + s for s, _, _ in shapes if target + s not in layers]:
             raise ValueError(f"{source}: nn.MultiheadAttention {_short(target)} is adapted only in part: "
                              f"no {_short_list(missing)}")
         out_proj = targets.pop(target + ".out_proj", None) if isinstance(m, nn.MultiheadAttention) else None
@@ -1553,15 +1547,13 @@ def _check_fits(model: nn.Module, source: str, shared: RandLoraConfig, layers: M
                                ("modules to save", set(_saved_modules(model)), set(saved_names))):
         if mine != theirs:
             raise ValueError(f"{source}: {what} differ from the model's: missing in file "
-                             f"{_short_list(sorted(mine - theirs))}; not in model "
-                             f"{_short_list(sorted(theirs - mine))}")
+                             f"{_short_list(sorted(mine - theirs))}; not in model {_short_list(sorted(theirs - mine))}")
     for name, (out_f, in_f, config) in layers.items():
         m, (parent, _, attr) = adapters[name], name.rpartition(".")
         if (m.out_features, m.in_features) != (out_f, in_f):
             raise ValueError(f"{source}: layer {_short(name)} is (out, in) = {(out_f, in_f)} in the adapter but "
                              f"{(m.out_features, m.in_features)} in the model")
-        why = (m._dropout_refusal or _no_dropout(model.get_submodule(parent), attr, m)) if config.dropout > 0 else ""
-        if why:
+        if config.dropout > 0 and (why := m._dropout_refusal or _no_dropout(model.get_submodule(parent), attr, m)):
             raise ValueError(f"{source}: layer {_short(name)} has dropout {config.dropout}, but {why}")
 
 
@@ -1587,8 +1579,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytearray:
 
 
 def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tensor]]) -> str:
-    """``"sha256:<hex>"`` over the metadata (but ``checksum``) and every tensor's name, dtype, shape and bytes,
-    sorted."""
+    """``"sha256:<hex>"`` over the metadata (but ``checksum``) and each tensor's name, dtype, shape, bytes, sorted."""
     h, enc = hashlib.sha256(b"randlora-checksum-1\0"), lambda s: s.encode("utf-8", "surrogatepass")
     fields = [(enc(k), enc(v)) for k, v in sorted(metadata.items()) if k != "checksum"]
     fields += [(enc(n), f"{_ST_CODES[t.dtype]}{list(t.shape)}".encode(), _tensor_bytes(t.cpu()))
@@ -1600,35 +1591,30 @@ def _checksum(metadata: Mapping[str, str], items: Sequence[tuple[str, torch.Tens
 
 
 def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str], filename: str) -> None:
-    """Write contiguous CPU tensors with safetensors' own writer, numpy-free: specs from data pointers (>= 0.8) or
-    bytes."""
-    spec, data, tensors = getattr(safetensors, "TensorSpec", None), {}, {}
+    """Write contiguous CPU tensors with safetensors' own writer, numpy-free: data pointers (>= 0.8) or bytes."""
+    spec, tensors = getattr(safetensors, "TensorSpec", None), {}
     for name, t in items:
         kw = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        if spec is not None:
-            tensors[name] = spec(**kw, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size())
-        else:  # a tensor listed twice (the PEFT bases) is held once
-            tensors[name] = kw | {"data": data.setdefault(id(t), bytes(_tensor_bytes(t)))}
+        tensors[name] = (spec(**kw, data_ptr=t.data_ptr(), data_len=t.numel() * t.element_size()) if spec is not None
+                         else kw | {"data": bytes(_tensor_bytes(t))})
     open(filename, "x").close()  # the mode open() gives, which safetensors' writer (0600) would not
     mode = os.stat(filename).st_mode
     safetensors.serialize_file(tensors, filename, metadata=dict(metadata))
     os.chmod(filename, stat.S_IMODE(mode))
 
 
-def _stat(path: str, expect: Callable[[int], bool] | None = None, what: str = "") -> os.stat_result | None:
-    """``os.stat(path)``, or None when missing; a symlink loop, or a kind ``expect`` refuses, is an error naming the
-    path."""
+def _stat(path: str, expect: Callable[[int], bool], what: str) -> os.stat_result | None:
+    """``os.stat(path)``, None when missing; a symlink loop or a kind ``expect`` refuses is an error naming the path."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise ValueError(f"{path}: symlink loop (too many levels of symbolic links)") if e.errno == 40 else e from None
-    if expect is not None and not expect(st.st_mode):
-        kinds = {"d": "a directory", "p": "a FIFO (named pipe)", "c": "a character device", "b": "a block device",
-                 "s": "a socket"}
-        kind = ("a regular file" if stat.S_ISREG(st.st_mode)
-                else kinds.get(stat.filemode(st.st_mode)[0], "a special file"))
+    if not expect(st.st_mode):
+        kinds = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)",
+                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+        kind = kinds.get(stat.S_IFMT(st.st_mode), "a special file")
         raise ValueError(f"{path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; {what}")
     return st
 
@@ -1745,8 +1731,8 @@ def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
                 "layers": json.dumps({n: [m.out_features, m.in_features, m.config.dropout, m.strategy]
                                       for n, m in layers.items()})}
         meta["checksum"] = _checksum(meta, items)
-        exists = _stat(path, stat.S_ISREG, "refusing to replace anything but a regular file") is not None
-        _atomic_write(os.path.realpath(path) if exists or os.path.islink(path) else path,
+        _stat(path, stat.S_ISREG, "refusing to replace anything but a regular file")
+        _atomic_write(os.path.realpath(path) if os.path.lexists(path) else path,  # a symlink: its target replaced
                       lambda tmp: _serialize(items, meta, tmp))
 
 
@@ -1756,12 +1742,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = os.fspath(path)
     with _open_safetensors(path) as f:
         version = (meta := f.metadata() or {}).get("format_version")
-        # before reading what may be a large other file
-        if meta.get("format") != FORMAT_NAME or version not in READ_VERSIONS:
-            what = (f"format_version {_short(version)}; this randlora reads {READ_VERSIONS}"
-                    if meta.get("format") == FORMAT_NAME else "")
-            raise ValueError(f"{path} has {what}" if what else f"{path} is not a randlora adapter "
-                             f"(metadata format={_short(meta.get('format'))})")
+        if meta.get("format") != FORMAT_NAME:  # before reading what may be a large other file
+            raise ValueError(f"{path} is not a randlora adapter (metadata format={_short(meta.get('format'))})")
+        if version not in READ_VERSIONS:
+            raise ValueError(f"{path} has format_version {_short(version)}; this randlora reads {READ_VERSIONS}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     odd = next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)
     if odd is not None:
@@ -1771,24 +1755,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if "checksum" in meta and meta["checksum"] != _checksum(meta, list(tensors.items())):
         raise ValueError(f"{path}: checksum mismatch: "
                          "the file was damaged or changed after it was saved; refusing to load it")
-    shared, layers, saved = _parse_metadata(meta, path, version)
-    return _load(model, path, shared, layers, saved, tensors)
+    return _load(model, path, *_parse_metadata(meta, path, version), tensors)
 
 
 def _parse_metadata(meta: Mapping[str, str], path: str, version: str) -> tuple[RandLoraConfig, dict, list[str]]:
-    """The shared config, ``{layer: (out, in, config)}`` and modules to save of a file's metadata, each field
-    checked."""
+    """A file's metadata, each field checked: the shared config, ``{layer: (out, in, config)}``, modules to save."""
     values, version_1 = {}, {"dropout": float} if version == "1" else {}  # format 1: one file-wide dropout
     for field, parse in dict(rank=int, alpha=float, seed=int, bases=str, **version_1, layers=json.loads,
                              modules_to_save=json.loads).items():
         try:
             values[field] = parse(meta.get(field, "[]") if field == "modules_to_save" else meta[field])
         except (KeyError, TypeError, ValueError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
-            if parse is json.loads:
-                raise ValueError(f"{path}: metadata field {field!r} is missing or not JSON "
-                                 f"({type(e).__name__})") from None
-            raise ValueError(f"{path}: metadata field {field!r} is {_short(meta.get(field, 'missing'))}, "
-                             f"not a valid {parse.__name__}") from None
+            why = (f"missing or not JSON ({type(e).__name__})" if parse is json.loads
+                   else f"{_short(meta.get(field, 'missing'))}, not a valid {parse.__name__}")
+            raise ValueError(f"{path}: metadata field {field!r} is {why}") from None
     raw, names, layers, size = values.pop("layers"), values.pop("modules_to_save"), {}, 2 if version == "1" else 4
     try:
         shared = RandLoraConfig(**values)
@@ -1829,8 +1809,7 @@ def trainer_class(base: type | None = None) -> type:
             if created := self.args.should_save and not os.path.isdir(output_dir):
                 os.makedirs(output_dir, exist_ok=True)
             try:
-                # every rank: FSDP2 shards are gathered
-                _adapter_checkpoint(self.model, output_dir, self.args.should_save)
+                _adapter_checkpoint(self.model, output_dir, self.args.should_save)  # every rank: FSDP2 shards gathered
             except BaseException:
                 if created:  # no incomplete checkpoint folder for resume_from_checkpoint=True to pick
                     shutil.rmtree(output_dir, ignore_errors=True)
@@ -1842,8 +1821,7 @@ def trainer_class(base: type | None = None) -> type:
 
 
 def trainer_callback():
-    """A ``TrainerCallback`` that replaces each checkpoint's whole model by :func:`trainer_class`'s adapter-only
-    files."""
+    """A ``TrainerCallback`` replacing each checkpoint's whole model by :func:`trainer_class`'s adapter-only files."""
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
