@@ -2002,7 +2002,6 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     checks; outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     folder, cfg = _peft_config(path)
-    weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {_short(draw_dtype)}")
     if any(True for _ in named_adapters(model)):
@@ -2029,7 +2028,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
                          "(nn.MultiheadAttention, nn.TransformerEncoderLayer), where PEFT's update applies in some "
                          "modes and not in others: not loadable")
     d, D = sorted((max(o for _, o in found.values()), max(i for i, _ in found.values())))
-    with _open_safetensors(weights) as f:
+    with _open_safetensors(weights := os.path.join(folder, PEFT_WEIGHTS_NAME)) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
     if not bases:
         bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16
@@ -2168,8 +2167,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
              ("base_model.randlora_B", Bf.reshape(D, -1, rank).contiguous())]
     items += [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t)
               for k, t in _file_tensors(layers, {})]
-    flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse",
-                           "projection_prng_key": 0}
+    flags = bases.peft or {k: bases.kind == k for k in ("sparse", "very_sparse")} | {"projection_prng_key": 0}
     _peft_write(path, items, "RANDLORA", layers, saved, r=rank,
                 randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
                 randlora_dropout=first.config.dropout, save_projection=True, **flags)
@@ -2188,8 +2186,7 @@ def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bo
         U, S, Vh = torch.linalg.svd(m.delta_weight(torch.float64), full_matrices=False)
         k, total = min(rank, S.numel()), S.square().sum()
         errors[name] = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0
-        A, B = (torch.zeros(*s, dtype=torch.float64, device=S.device)
-                for s in ((rank, m.in_features), (m.out_features, rank)))
+        A, B = S.new_zeros(rank, m.in_features), S.new_zeros(m.out_features, rank)  # float64, as delta_weight
         A[:k], B[:, :k] = S[:k].sqrt()[:, None] * Vh[:k], U[:, :k] * S[:k].sqrt()
         items += [(f"{_PEFT}{name}.lora_A.weight", A.float().cpu()), (f"{_PEFT}{name}.lora_B.weight", B.float().cpu())]
     if verbose:
