@@ -2091,9 +2091,8 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     for name, m in layers.items():
         # a parent, under any of the layer's names, reads its weight
         if isinstance(m, RandLoraWeight) or m._dropout_refusal:
-            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads "
-                             "directly (nn.MultiheadAttention, nn.TransformerEncoderLayer): "
-                             f"PEFT {what} would skip it")
+            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly "
+                             f"(nn.MultiheadAttention, nn.TransformerEncoderLayer): PEFT {what} would skip it")
         # bitsandbytes' layers are nn.Linear, hooked ones too
         if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only "
@@ -2101,9 +2100,8 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     for name in saved:
         others = [n for n, _ in model.named_modules() if n.endswith(name) and not f"{n}.".startswith(f"{name}.")]
         if others:
-            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name "
-                             f"suffix and would also select {_short_list(others, 5)}; this adapter "
-                             "cannot be written in PEFT's format")
+            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would "
+                             f"also select {_short_list(others, 5)}; this adapter cannot be written in PEFT's format")
     return layers, saved
 
 
