@@ -1906,10 +1906,9 @@ def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir()
                   and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
-    pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
     several = f": several adapters in subfolders ({_short_list(subs)}): pass the one to load" if subs else ""
-    pickle = (f" (found {pickled[0]}: pickle files are not read; re-save with safe_serialization=True)" if pickled
-              else "")
+    pickle = next((f" (found {f}: pickle files are not read; re-save with safe_serialization=True)"
+                   for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))), "")
     for name, hint in ((PEFT_CONFIG_NAME, several), (PEFT_WEIGHTS_NAME, pickle)):
         if not os.path.lexists(os.path.join(folder, name)):
             raise ValueError(f"{folder} has no {name}{hint or ': not a PEFT adapter folder'}")
@@ -1920,7 +1919,7 @@ def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
-    """The PEFT folder at ``path`` and its adapter_config.json's fields, every one checked."""
+    """The PEFT folder at ``path`` and its adapter_config.json's fields, all checked, plus "config" and "kind"."""
     folder, file = _peft_folder(path)
     try:
         with open(file, "rb") as f:
@@ -1947,14 +1946,14 @@ def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
     if not all(isinstance(n, str) and n for n in saved):
         raise ValueError(f"{file}: modules_to_save must be null or a list of module names, got {_short(saved)}")
     try:
-        RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
+        config = RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
         torch.Generator().manual_seed(cfg["projection_prng_key"])
         re.compile(t) if isinstance(t, str) else None
     except (ValueError, RuntimeError, OverflowError, re.error) as e:
         raise ValueError(f"{file}: {e} (r, randlora_alpha, randlora_dropout, "
                          "projection_prng_key, target_modules)") from None
-    return folder, cfg | {"modules_to_save": saved, "kind": "very_sparse" if cfg["very_sparse"]
-                          else "sparse" if cfg["sparse"] else "dense"}
+    kind = "very_sparse" if cfg["very_sparse"] else "sparse" if cfg["sparse"] else "dense"
+    return folder, cfg | {"modules_to_save": saved, "config": config, "kind": kind}
 
 
 def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dtype | None = None) -> nn.Module:
@@ -1962,7 +1961,6 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     checks; outputs equal ``PeftModel.from_pretrained``'s. ``draw_dtype``: see README, PEFT interoperability."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     folder, cfg = _peft_config(path)
-    weights = os.path.join(folder, PEFT_WEIGHTS_NAME)
     if draw_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"draw_dtype must be torch.bfloat16, torch.float16 or None, got {_short(draw_dtype)}")
     if any(True for _ in named_adapters(model)):
@@ -1975,8 +1973,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module "
                          f"of {type(model).__name__}")
     inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
-    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and n not in saved
-             and not n.startswith(inside)}
+    found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not f"{n}.".startswith(inside)}
     if not found or None in found.values():
         what = (f"selects {_short(next(n for n, f in found.items() if f is None))}, not a linear layer" if found
                 else "matches no module")
@@ -1989,9 +1986,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly "
                          "(nn.MultiheadAttention, nn.TransformerEncoderLayer), where PEFT's update applies in some "
                          "modes and not in others: not loadable")
-    D, d = (max(max(f) for f in found.values()),
-            min(max(o for _, o in found.values()), max(i for i, _ in found.values())))
-    with _open_safetensors(weights) as f:
+    d, D = sorted((max(o for _, o in found.values()), max(i for i, _ in found.values())))
+    with _open_safetensors(weights := os.path.join(folder, PEFT_WEIGHTS_NAME)) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
     if not bases:
         bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16
@@ -2000,11 +1996,9 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         if not all(torch.isfinite(b).all() for b in bases):
             raise ValueError(f"{folder}: PEFT's regenerated {cfg['kind']} bases are degenerate "
                              f"(NaN/Inf) for r={cfg['r']}")
-    flags = {"sparse": cfg["sparse"], "very_sparse": cfg["very_sparse"],
-             "projection_prng_key": cfg["projection_prng_key"]}
-    shared = RandLoraConfig(rank=cfg["r"], alpha=cfg["randlora_alpha"], dropout=cfg["randlora_dropout"])
-    layers = {n: (o, i, shared) for n, (i, o) in found.items()}
-    return _load(model, folder, shared, layers, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags))
+    flags = {k: cfg[k] for k in ("sparse", "very_sparse", "projection_prng_key")}
+    layers = {n: (o, i, cfg["config"]) for n, (i, o) in found.items()}
+    return _load(model, folder, cfg["config"], layers, saved, tensors, _Bases(cfg["r"], stored=bases, peft=flags))
 
 
 def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[str], cfg: dict, D: int, d: int):
@@ -2056,26 +2050,24 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     for name, m in layers.items():
         # a parent, under any of the layer's names, reads its weight
         if isinstance(m, RandLoraWeight) or m._dropout_refusal:
-            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads "
-                             "directly (nn.MultiheadAttention, nn.TransformerEncoderLayer): "
-                             f"PEFT {what} would skip it")
+            raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly "
+                             f"(nn.MultiheadAttention, nn.TransformerEncoderLayer): PEFT {what} would skip it")
         # bitsandbytes' layers are nn.Linear, hooked ones too
         if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only "
                              "nn.Linear, Conv1D and bitsandbytes' Linear8bitLt / Linear4bit")
     for name in saved:
-        others = [n for n, _ in model.named_modules() if n.endswith(name) and n != name
-                  and not n.startswith(name + ".")]
+        others = [n for n, _ in model.named_modules() if n.endswith(name) and not f"{n}.".startswith(f"{name}.")]
         if others:
-            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name "
-                             f"suffix and would also select {_short_list(others, 5)}; this adapter "
-                             "cannot be written in PEFT's format")
+            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would "
+                             f"also select {_short_list(others, 5)}; this adapter cannot be written in PEFT's format")
     return layers, saved
 
 
 def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], peft_type: str, layers: Mapping,
                 saved: Mapping, **config) -> None:
     """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
+    items = [*items, *((_PEFT + k, t) for k, t in _file_tensors({}, saved))]  # and the modules to save, in full
     target = os.path.realpath(path := os.fspath(path))
     # a crash in an earlier save's window, or while it removed it
     if os.path.isdir(_backup_path(target)) and _is_writer():
@@ -2120,8 +2112,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError("very_sparse bases use each layer's own sparsity sqrt(min(in, out)) and the layers "
                          f"have widths {widths}; PEFT shares one pair of bases with one sparsity: this adapter "
                          "cannot be written in its format")
-    D, d = (max(m.D for m in layers.values()),
-            min(max(m.out_features for m in layers.values()), max(m.in_features for m in layers.values())))
+    d, D = sorted((max(m.out_features for m in layers.values()), max(m.in_features for m in layers.values())))
     A, Bf = bases.dense(D, d, width=widths[0])
     for w in widths if bases.kind != "dense" else ():
         if not torch.equal(bases.dense(D, w)[0], A[:, :w]):
@@ -2129,13 +2120,11 @@ def to_peft(model: nn.Module, path: str | os.PathLike) -> None:
                              f"is full rank (docs/MATH.md#sparse-bases), and width {w}'s A is not the first {w} "
                              "columns of the widest one's, all PEFT can express: save with save_adapter(), or use "
                              f"widths that are multiples of rank {rank}")
-    A, B = A.reshape(rank, 1, d).contiguous(), Bf.reshape(D, -1, rank).contiguous()
-    items = [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t)
-             for k, t in _file_tensors(layers, {})]
-    items += [(_PEFT + k, t) for k, t in _file_tensors({}, saved)]
-    items += [("base_model.randlora_A", A), ("base_model.randlora_B", B)]  # once, as PEFT 0.22 writes them
-    flags = bases.peft or {"sparse": bases.kind == "sparse", "very_sparse": bases.kind == "very_sparse",
-                           "projection_prng_key": 0}
+    items = [("base_model.randlora_A", A.reshape(rank, 1, d).contiguous()),  # once, as PEFT 0.22 writes them
+             ("base_model.randlora_B", Bf.reshape(D, -1, rank).contiguous())]
+    items += [(f"{_PEFT}{k[:-4]}.randlora_{'lambda' if k.endswith('lam') else 'gamma'}", t)
+              for k, t in _file_tensors(layers, {})]
+    flags = bases.peft or {k: bases.kind == k for k in ("sparse", "very_sparse")} | {"projection_prng_key": 0}
     _peft_write(path, items, "RANDLORA", layers, saved, r=rank,
                 randlora_alpha=int(first.alpha) if first.alpha.is_integer() else first.alpha,
                 randlora_dropout=first.config.dropout, save_projection=True, **flags)
@@ -2154,13 +2143,11 @@ def to_lora(model: nn.Module, path: str | os.PathLike, rank: int, *, verbose: bo
         U, S, Vh = torch.linalg.svd(m.delta_weight(torch.float64), full_matrices=False)
         k, total = min(rank, S.numel()), S.square().sum()
         errors[name] = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0
-        A, B = (torch.zeros(*s, dtype=torch.float64, device=S.device)
-                for s in ((rank, m.in_features), (m.out_features, rank)))
+        A, B = S.new_zeros(rank, m.in_features), S.new_zeros(m.out_features, rank)  # float64, as delta_weight
         A[:k], B[:, :k] = S[:k].sqrt()[:, None] * Vh[:k], U[:, :k] * S[:k].sqrt()
         items += [(f"{_PEFT}{name}.lora_A.weight", A.float().cpu()), (f"{_PEFT}{name}.lora_B.weight", B.float().cpu())]
     if verbose:
         print("\n".join(f"{n}: relative error {e:.4g}" for n, e in errors.items()))
-    _peft_write(path, items + [(_PEFT + k, t) for k, t in _file_tensors({}, saved)], "LORA", layers, saved, r=rank,
-                lora_alpha=rank, lora_dropout=0.0, use_rslora=False, use_dora=False,
-                init_lora_weights=True)
+    _peft_write(path, items, "LORA", layers, saved, r=rank, lora_alpha=rank, lora_dropout=0.0, use_rslora=False,
+                use_dora=False, init_lora_weights=True)
     return errors
