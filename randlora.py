@@ -377,8 +377,7 @@ def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _WeightMemo:
-    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds
-    it."""
+    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or under :func:`hold_weights`."""
 
     entry: tuple[tuple, torch.Tensor] | None = None
     hold: bool = False
@@ -388,8 +387,7 @@ class _WeightMemo:
 
     @staticmethod
     def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new tensor takes the id), its data and
-        version."""
+        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new one takes the id), data, version."""
         ts = [t for t in (lam, gam, W) if t is not None]
         roots = [t if t._base is None else t._base for t in ts]  # a view (Conv1D's .t()) is a new object per call
         return dtype, tuple((id(r), t.data_ptr(), t._version) for r, t in zip(roots, ts)), roots
@@ -474,8 +472,7 @@ class RandLoraFunction(torch.autograd.Function):
 
 
 def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_adapted_weight` with ``S`` in autograd's ops (rounded as :func:`_small_basis` rounds): differentiable
-    again."""
+    """:func:`_adapted_weight`, ``S`` in autograd's ops (rounded as in :func:`_small_basis`): differentiable again."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
     S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
@@ -483,8 +480,7 @@ def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Ten
 
 
 def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
-    """``dy``-weighted gradients of ``f(*inputs)``, as a graph, via aliases: hooks on the inputs run once (the outer
-    backward)."""
+    """``dy``-weighted gradients of ``f(*inputs)`` as a graph, via aliases: input hooks run once (outer backward)."""
     alias = [t if t is None else t.view_as(t) for t in inputs]
     y, wanted = f(*alias), [a for a, n in zip(alias, needs) if n]
     got = iter(torch.autograd.grad(y, wanted, _as(dy, y.dtype), create_graph=True, allow_unused=True) if wanted else ())
@@ -493,8 +489,7 @@ def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> 
 
 class AdaptedWeight(torch.autograd.Function):
     """``W' = W + s ΔW`` ``(out, in)`` for code that reads a weight instead of calling the layer (MHA, T5, the encoder
-    fast path), saving only lam, gam and the bases; ``kept``: this very ``W'`` held by :func:`hold_weights` (returns a
-    copy)."""
+    fast path), saving only lam, gam, the bases; ``kept``: this ``W'`` held by :func:`hold_weights` (returns a copy)."""
 
     @staticmethod
     def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
@@ -535,14 +530,6 @@ class _Views(dict):
         return self
 
 
-def _getstate(self: nn.Module) -> dict:
-    """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
-    if self.__dict__.get("disabled"):
-        raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy would "
-                           "stay disabled; copy the model outside the context")
-    return nn.Module.__getstate__(self)
-
-
 def _check_config(config: object) -> None:
     """Refuse anything but a RandLoraConfig, naming the spelling that works."""
     if not isinstance(config, RandLoraConfig):
@@ -551,12 +538,10 @@ def _check_config(config: object) -> None:
 
 
 class RandLoraAdapter(nn.Module):
-    """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and
-    ``gam``."""
+    """What every adapter has: a config, the shared bases, a plan decided once, trained float32 ``lam`` and ``gam``."""
 
     mergeable, shows = True, "adapted"
     _dropout_refusal = ""  # why no dropout can apply here (a parent reads the weight): set by _adapt / _build
-    __getstate__ = _getstate
 
     def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
         super().__init__()
@@ -571,10 +556,16 @@ class RandLoraAdapter(nn.Module):
         self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device, dtype=torch.float32))
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
+        if self.__dict__.get("disabled"):
+            raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy "
+                               "would stay disabled; copy the model outside the context")
+        return nn.Module.__getstate__(self)  # not super(): SavedModule borrows this
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on the meta device gets at
-        ``to_empty``."""
+        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on meta gets at ``to_empty``."""
         self.lam.zero_()
         self.gam.fill_(1 / max(self.n, self.d))
 
@@ -861,9 +852,8 @@ class RandLoraLinear(RandLoraAdapter):
 
 
 class RandLoraWeight(RandLoraAdapter):
-    """A RandLoRA update on a weight its module reads itself (``nn.MultiheadAttention``'s input projection), as a
-    parametrization of ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is
-    ``owner.parametrizations.<param>.original``."""
+    """A RandLoRA update on a weight its module reads itself (MHA's input projection) as a parametrization of
+    ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is ``owner.parametrizations.<param>.original``."""
 
     layout = "linear"
 
@@ -884,8 +874,7 @@ class RandLoraWeight(RandLoraAdapter):
         return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
     def unwrap(self) -> None:
-        """After :meth:`merge`, make the stored weight the owner's plain parameter again (the owner gets a class of its
-        own)."""
+        """After :meth:`merge`, make the stored weight the owner's plain parameter again (in a class of its own)."""
         owner, param = self._slot
         original, cls = owner.parametrizations[param].original, type(owner)
         del owner.parametrizations[param]
@@ -908,10 +897,9 @@ class RandLoraWeight(RandLoraAdapter):
 
 class SavedModule(nn.Module):
     """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`),
-    ``trained`` a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module
-    in use."""
+    ``trained`` a training copy that adapter files carry. Attributes the wrapper lacks come from the module in use."""
 
-    __getstate__ = _getstate
+    __getstate__ = RandLoraAdapter.__getstate__
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         super().__init__()
