@@ -494,10 +494,9 @@ class AdaptedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
         ctx.save_for_backward(lam, gam, A, Bf)
-        ctx.plan, ctx.dtype = plan, _update_dtype(W.dtype)
+        ctx.plan, ctx.dtype = plan, (dt := _update_dtype(W.dtype))  # float16: W' = W + s ΔW in float32, rounded once
         if kept is not None:
             return kept.clone()
-        dt = ctx.dtype  # float16: W' = W + s ΔW in float32, rounded once
         A_, Bf_ = _materialize(A, dt, plan.scale), _materialize(Bf, dt, plan.scale)
         return _as(_adapted_weight(_as(W, dt), _small_basis(lam, gam, A_, dt), Bf_, plan.scaling, plan.out_ge_in),
                    W.dtype)
