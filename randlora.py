@@ -377,8 +377,7 @@ def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _WeightMemo:
-    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or while :func:`hold_weights` holds
-    it."""
+    """Where a layer's ``W'`` waits: from a checkpoint recompute to its backward, or under :func:`hold_weights`."""
 
     entry: tuple[tuple, torch.Tensor] | None = None
     hold: bool = False
@@ -388,8 +387,7 @@ class _WeightMemo:
 
     @staticmethod
     def key(W: torch.Tensor | None, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new tensor takes the id), its data and
-        version."""
+        """What ``W'`` depends on: each tensor (by id: the key holds it, so no new one takes the id), data, version."""
         ts = [t for t in (lam, gam, W) if t is not None]
         roots = [t if t._base is None else t._base for t in ts]  # a view (Conv1D's .t()) is a new object per call
         return dtype, tuple((id(r), t.data_ptr(), t._version) for r, t in zip(roots, ts)), roots
@@ -429,7 +427,7 @@ class RandLoraFunction(torch.autograd.Function):
             else:
                 y = torch.mm(lhs, rhs).mul_(p.scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=p.scaling)
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
-        ctx.call, ctx.has_bias = call, bias is not None
+        ctx.call = call  # a None bias needs no grad
         return y
 
     @staticmethod
@@ -441,7 +439,7 @@ class RandLoraFunction(torch.autograd.Function):
             W = c.unpack() if c.unpack is not None else W
             y = lambda x, W, lam, gam: F.linear(x, _weight_again(W, lam, gam, A, Bf, c.plan, x.dtype))
             dX, dW, dlam, dgam = _grads_again(y, (x, W, lam, gam), (need_x, need_W, need_lam, need_gam), dY)
-            return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
+            return dX, dW, dY.sum(0) if need_b else None, dlam, dgam, None, None, None
         p, dtype, need_S, s = c.plan, x.dtype, need_lam or need_gam, c.plan.scaling
         dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
@@ -470,12 +468,11 @@ class RandLoraFunction(torch.autograd.Function):
             dS = dH.t() @ x if p.out_ge_in else (x @ Bf_).t() @ dY
         dW = (G if G is not None else dY.t() @ x) if need_W else None
         dlam, dgam = _scale_grads(dS, lam, gam, A_, s) if dS is not None else (None, None)
-        return dX, dW, dY.sum(0) if need_b and ctx.has_bias else None, dlam, dgam, None, None, None
+        return dX, dW, dY.sum(0) if need_b else None, dlam, dgam, None, None, None
 
 
 def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_adapted_weight` with ``S`` in autograd's ops (rounded as :func:`_small_basis` rounds): differentiable
-    again."""
+    """:func:`_adapted_weight`, ``S`` in autograd's ops (rounded as in :func:`_small_basis`): differentiable again."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
     S = (_as(lam, acc).unsqueeze(2) * _as(gam, acc) * _as(A_, acc).unsqueeze(1)).flatten(0, 1).to(dtype)
@@ -483,8 +480,7 @@ def _weight_again(W, lam, gam, A, Bf, p: _Plan, dtype: torch.dtype) -> torch.Ten
 
 
 def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
-    """``dy``-weighted gradients of ``f(*inputs)``, as a graph, via aliases: hooks on the inputs run once (the outer
-    backward)."""
+    """``dy``-weighted gradients of ``f(*inputs)`` as a graph, via aliases: input hooks run once (outer backward)."""
     alias = [t if t is None else t.view_as(t) for t in inputs]
     y, wanted = f(*alias), [a for a, n in zip(alias, needs) if n]
     got = iter(torch.autograd.grad(y, wanted, _as(dy, y.dtype), create_graph=True, allow_unused=True) if wanted else ())
@@ -493,16 +489,14 @@ def _grads_again(f: Callable, inputs: tuple, needs: tuple, dy: torch.Tensor) -> 
 
 class AdaptedWeight(torch.autograd.Function):
     """``W' = W + s ΔW`` ``(out, in)`` for code that reads a weight instead of calling the layer (MHA, T5, the encoder
-    fast path), saving only lam, gam and the bases; ``kept``: this very ``W'`` held by :func:`hold_weights` (returns a
-    copy)."""
+    fast path), saving only lam, gam, the bases; ``kept``: this ``W'`` held by :func:`hold_weights` (returns a copy)."""
 
     @staticmethod
     def forward(ctx, W, lam, gam, A, Bf, plan, kept=None):
         ctx.save_for_backward(lam, gam, A, Bf)
-        ctx.plan, ctx.dtype = plan, _update_dtype(W.dtype)
+        ctx.plan, ctx.dtype = plan, (dt := _update_dtype(W.dtype))  # float16: W' = W + s ΔW in float32, rounded once
         if kept is not None:
             return kept.clone()
-        dt = ctx.dtype  # float16: W' = W + s ΔW in float32, rounded once
         A_, Bf_ = _materialize(A, dt, plan.scale), _materialize(Bf, dt, plan.scale)
         return _as(_adapted_weight(_as(W, dt), _small_basis(lam, gam, A_, dt), Bf_, plan.scaling, plan.out_ge_in),
                    W.dtype)
@@ -535,14 +529,6 @@ class _Views(dict):
         return self
 
 
-def _getstate(self: nn.Module) -> dict:
-    """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
-    if self.__dict__.get("disabled"):
-        raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy would "
-                           "stay disabled; copy the model outside the context")
-    return nn.Module.__getstate__(self)
-
-
 def _check_config(config: object) -> None:
     """Refuse anything but a RandLoraConfig, naming the spelling that works."""
     if not isinstance(config, RandLoraConfig):
@@ -551,13 +537,10 @@ def _check_config(config: object) -> None:
 
 
 class RandLoraAdapter(nn.Module):
-    """What every adapter has: a config, the shared bases, a plan decided once, the trained float32 ``lam`` and
-    ``gam``."""
+    """What every adapter has: a config, the shared bases, a plan decided once, trained float32 ``lam`` and ``gam``."""
 
-    # the last: the state-dict key, below, that merge writes
-    mergeable, shows, _merge_weight_key = True, "adapted", None
+    mergeable, shows = True, "adapted"
     _dropout_refusal = ""  # why no dropout can apply here (a parent reads the weight): set by _adapt / _build
-    __getstate__ = _getstate
 
     def __init__(self, in_f: int, out_f: int, config: RandLoraConfig, name: str, bases, device) -> None:
         super().__init__()
@@ -572,10 +555,16 @@ class RandLoraAdapter(nn.Module):
         self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device, dtype=torch.float32))
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
+        if self.__dict__.get("disabled"):
+            raise RuntimeError(f"cannot copy or pickle {_short(self.name)} inside randlora.disable(model): the copy "
+                               "would stay disabled; copy the model outside the context")
+        return nn.Module.__getstate__(self)  # not super(): SavedModule borrows this
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on the meta device gets at
-        ``to_empty``."""
+        """PEFT's initialisation (``lam = 0``: ΔW = 0); also what a model built on meta gets at ``to_empty``."""
         self.lam.zero_()
         self.gam.fill_(1 / max(self.n, self.d))
 
@@ -614,8 +603,7 @@ class RandLoraAdapter(nn.Module):
 
     def _replan(self) -> None:
         """Decide once what every call reads: the plan, and this layer's views of the bases for its weight's dtype."""
-        c, device, shape = (self.config, self.lam.device,
-                            (self.out_features, self.in_features, self.config.rank * self.n))
+        c, device, shape = self.config, self.lam.device, (self.out_features, self.in_features, self.rank * self.n)
         self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d),
                            _build_from(*shape, c.strategy), c.strategy == "auto", shape,
                            torch.amp.is_autocast_available(device.type), device.type)
@@ -682,45 +670,42 @@ class RandLoraAdapter(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``scaling * ΔW`` to the base weight (float32, float64 for a float64 weight, rounded once);
-        idempotent."""
+        """Add ``scaling * ΔW`` to the base weight (in float32, float64 for float64, rounded once); idempotent."""
         if not self.mergeable:
             raise TypeError(f"cannot merge: layer {_short(self.name)} wraps a {type(self.base).__name__}, "
                             + _UNMERGEABLE)
         if not self.merged:
-            self._merged_params = (self.lam.detach().clone(), self.gam.detach().clone())
-            self._add_to_weight(*self._merged_params, 1.0)
-            self.merged = True
+            self._add_to_weight((self.lam.detach().clone(), self.gam.detach().clone()))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added (from lam/gam as they were at merge time)."""
         if self.merged:
-            self._add_to_weight(*self._merged_params, -1.0)
-            self._merged_params, self.merged = None, False
+            self._add_to_weight(None)
 
-    def _add_to_weight(self, lam: torch.Tensor, gam: torch.Tensor, sign: float) -> None:
+    def _add_to_weight(self, params: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Merge ``params`` (lam, gam) into the stored weight, or with None subtract the merged ones."""
+        (lam, gam), sign = (params, 1.0) if params is not None else (self._merged_params, -1.0)
         w, self._memo.entry = self._stored_weight(), None
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         w.copy_((w.to(acc) + sign * self.delta_weight(acc, lam, gam).to(w.device)).to(w.dtype))
+        self._merged_params, self.merged = params, params is not None
 
     # While merged, the state dict says so ("<layer>._extra_state" = [1, lam, gam as merged]): never loaded as unmerged.
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
-            lam, gam = self._merged_params
-            destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), lam.float().cpu().flatten(),
-                                                              gam.float().cpu().flatten()])
+            flat = [t.float().cpu().flatten() for t in self._merged_params]
+            destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), *flat])
 
     def _parse_merge_state(self, state: object) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged."""
         r, n, d = self.rank, self.n, self.d
         ok = (isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point()
-              and state.layout == torch.strided)
-        if ok and not state.is_meta and state.numel() == 1 and state.item() == 0:
+              and state.layout == torch.strided and not state.is_meta)
+        if ok and state.numel() == 1 and state.item() == 0:
             return None
-        if not (ok and not state.is_meta and state.numel() == 1 + r * n + n * d and state[0].item() == 1
-                and torch.isfinite(state).all()):
+        if not (ok and state.numel() == 1 + r * n + n * d and state[0].item() == 1 and torch.isfinite(state).all()):
             got = f"{type(state).__name__} {tuple(state.shape)}" if isinstance(state, torch.Tensor) else _short(state)
             raise ValueError(f"layer {_short(self.name)}: the merge state in the state dict is {got}; expected [0] "
                              f"(unmerged) or [1, lam ({r}x{n}), gam ({n}x{d})] (merged), finite float")
@@ -732,17 +717,16 @@ class RandLoraAdapter(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key, self._memo.entry = prefix + "_extra_state", None
-        # refused before this layer changes
-        params = self._parse_merge_state(state_dict[key]) if key in state_dict else None
+        if key in state_dict:
+            self._parse_merge_state(state_dict[key])  # refused before this layer changes
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
         if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
             self._replan()
-        # what was loaded decides: its merge state, or none beside a base weight (an unmerged one)
-        if key in state_dict or (self._merge_weight_key is not None and prefix + self._merge_weight_key in state_dict):
-            # on lam's device now (assign=True)
-            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None
+        # what was loaded decides: its merge state, or none beside a base weight (an unmerged one; see _state_hook)
+        if key in state_dict or prefix + "base.weight" in state_dict:
+            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
             self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
@@ -779,8 +763,6 @@ class RandLoraLinear(RandLoraAdapter):
     ``base``: ``nn.Linear``, transformers' ``Conv1D``, or any module with ``in_features``, ``out_features`` and a
     forward (README: Supported layers)."""
 
-    _merge_weight_key = "base.weight"
-
     def __init__(self, base: nn.Module, config: RandLoraConfig, name: str = "", *, bases: _Bases | None = None) -> None:
         feats = _features(base)
         if feats is None:
@@ -802,18 +784,16 @@ class RandLoraLinear(RandLoraAdapter):
         return getattr(self.base, "compute_dtype", None) or torch.float32
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name not in ("weight", "bias") or "base" not in self.__dict__.get("_modules", {}):
+            return super().__setattr__(name, value)
         # tie_weights() assigns lm_head.weight
-        if name in ("weight", "bias") and "base" in self.__dict__.get("_modules", {}):
-            if self.merged:
-                raise RuntimeError(f"layer {_short(self.name)} is merged: unmerge(model) before assigning its {name}")
-            old = getattr(self.base, name, None)
-            if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value.shape != old.shape:
-                raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape "
-                                 f"{tuple(old.shape)}, got {tuple(value.shape)}: resize "
-                                 "(resize_token_embeddings, ...) before inject")
-            setattr(self.base, name, value)
-        else:
-            super().__setattr__(name, value)
+        if self.merged:
+            raise RuntimeError(f"layer {_short(self.name)} is merged: unmerge(model) before assigning its {name}")
+        old = getattr(self.base, name, None)
+        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and value.shape != old.shape:
+            raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape {tuple(old.shape)}, "
+                             f"got {tuple(value.shape)}: resize (resize_token_embeddings, ...) before inject")
+        setattr(self.base, name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
@@ -859,9 +839,9 @@ class RandLoraLinear(RandLoraAdapter):
             raise AttributeError("weight")  # __getattr__ says why
         if self.shows == "base" or self.merged or self.disabled:
             return self.base.weight
-        t = self.layout == "conv1d"
-        Wp = self.adapted(self.base.weight.t() if t else self.base.weight)
-        return Wp.t() if t else Wp
+        if self.layout == "conv1d":
+            return self.adapted(self.base.weight.t()).t()
+        return self.adapted(self.base.weight)
 
     bias = property(lambda self: getattr(self.base, "bias", None))
 
@@ -871,9 +851,8 @@ class RandLoraLinear(RandLoraAdapter):
 
 
 class RandLoraWeight(RandLoraAdapter):
-    """A RandLoRA update on a weight its module reads itself (``nn.MultiheadAttention``'s input projection), as a
-    parametrization of ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is
-    ``owner.parametrizations.<param>.original``."""
+    """A RandLoRA update on a weight its module reads itself (MHA's input projection) as a parametrization of
+    ``owner.<param>``: reading it gives ``W + s ΔW``; ``W`` is ``owner.parametrizations.<param>.original``."""
 
     layout = "linear"
 
@@ -894,8 +873,7 @@ class RandLoraWeight(RandLoraAdapter):
         return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
     def unwrap(self) -> None:
-        """After :meth:`merge`, make the stored weight the owner's plain parameter again (the owner gets a class of its
-        own)."""
+        """After :meth:`merge`, make the stored weight the owner's plain parameter again (in a class of its own)."""
         owner, param = self._slot
         original, cls = owner.parametrizations[param].original, type(owner)
         del owner.parametrizations[param]
@@ -918,10 +896,9 @@ class RandLoraWeight(RandLoraAdapter):
 
 class SavedModule(nn.Module):
     """A module trained in full beside the adapters (``modules_to_save``): ``original`` frozen (for :func:`disable`),
-    ``trained`` a copy that trains and that adapter files carry. Attributes the wrapper lacks are read from the module
-    in use."""
+    ``trained`` a training copy that adapter files carry. Attributes the wrapper lacks come from the module in use."""
 
-    __getstate__ = _getstate
+    __getstate__ = RandLoraAdapter.__getstate__
 
     def __init__(self, module: nn.Module, name: str = "") -> None:
         super().__init__()
