@@ -56,6 +56,7 @@ def _short(value: object, limit: int = 80) -> str:
 
 
 def _short_list(items: Sequence[object], limit: int = 10) -> str:
+    """Up to ``limit`` bounded reprs, comma separated, and how many more."""
     more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(_short(i) for i in list(items)[:limit]) + more if len(items) else "(none)"
 
@@ -104,6 +105,7 @@ _BLOCK = 1024  # columns of A / rows of B drawn per generator: a layer's bases d
 
 
 def _num_bases(d: int, rank: int) -> int:
+    """``n = ceil(d / rank)``: how many bases cover ``d`` columns."""
     return -(-d // rank)
 
 
@@ -183,7 +185,8 @@ class _Bases:
                 else float(torch.tensor(math.sqrt(self._sparsity(width)), dtype=torch.float32)))
 
     def _sparsity(self, width: int) -> float:
-        return 3.0 if self.kind == "sparse" else math.sqrt(width)  # a ternary entry is non-zero with probability 1/s
+        """``s``: a ternary entry is non-zero with probability ``1/s``."""
+        return 3.0 if self.kind == "sparse" else math.sqrt(width)
 
     @torch.inference_mode(False)  # cached copies made inside inference_mode would be unusable for training ever after
     def get(self, D: int, d: int, device, dtype: torch.dtype,
@@ -230,6 +233,7 @@ class _Bases:
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a copy when it already is."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -293,6 +297,7 @@ if triton is not None:
 
 
 def _use_triton(t: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these operands: CUDA (or the interpreter), not float64, not traced."""
     ok = TRITON and (t.is_cuda or _TRITON_INTERPRET) and t.dtype != torch.float64 and not torch.compiler.is_compiling()
     return ok and (t, *more)[-1].is_contiguous() and all(u.stride(-1) == 1 for u in (t, *more))
 
@@ -623,6 +628,7 @@ class RandLoraAdapter(nn.Module):
         return v
 
     def _compute_dtype(self) -> torch.dtype:
+        """The dtype the update is computed in for this layer's weight."""
         return self._stored_weight().dtype
 
     def _apply(self, fn, recurse: bool = True):
@@ -641,6 +647,7 @@ class RandLoraAdapter(nn.Module):
         return self
 
     def _refuse_training_merged(self) -> None:
+        """Refuse a training forward while merged: lam/gam would get no gradient."""
         if (self.merged and self.training and torch.is_grad_enabled()
             and (self.lam.requires_grad or self.gam.requires_grad)):
             raise RuntimeError(f"layer {_short(self.name)} is merged: lam/gam are not used by a merged forward and "
@@ -778,6 +785,7 @@ class RandLoraLinear(RandLoraAdapter):
         self._replan()
 
     def _compute_dtype(self) -> torch.dtype:
+        """The base's weight dtype; a 4-bit base's compute dtype (float32 if it has none)."""
         w = getattr(self.base, "weight", None)
         if self.layout != "4bit" and isinstance(w, torch.Tensor) and w.is_floating_point():
             return w.dtype
@@ -846,6 +854,7 @@ class RandLoraLinear(RandLoraAdapter):
     bias = property(lambda self: getattr(self.base, "bias", None))
 
     def _stored_weight(self) -> torch.Tensor:
+        """The base weight as stored ``(out, in)``, detached (Conv1D's transposed)."""
         w = self.base.weight.detach()
         return w.t() if self.layout == "conv1d" else w
 
@@ -870,6 +879,7 @@ class RandLoraWeight(RandLoraAdapter):
         return self.adapted(W)
 
     def _stored_weight(self) -> torch.Tensor:
+        """The parametrized weight's ``original`` ``(out, in)``, detached."""
         return self._slot[0].parametrizations[self._slot[1]].original.detach()
 
     def unwrap(self) -> None:
@@ -1003,6 +1013,7 @@ def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
 
 
 def _mha_weights(mha: nn.MultiheadAttention) -> tuple[str, ...]:
+    """The names of an attention module's input-projection weights: one packed, or three."""
     return ("in_proj_weight",) if mha._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
@@ -1105,6 +1116,7 @@ ALL_LINEAR, _HEADS = "all-linear", ("lm_head", "classifier", "score", "qa_output
 
 
 def _linear_names(model: nn.Module) -> str:
+    """The linear layers a message can suggest as targets (at most 30)."""
     return _short_list([n for n, m in model.named_modules() if n and _features(m) is not None
                         and not isinstance(m, RandLoraAdapter)], 30)
 
@@ -1189,6 +1201,7 @@ def named_adapters(model: nn.Module) -> Iterator[tuple[str, RandLoraAdapter]]:
 
 
 def _saved_modules(model: nn.Module) -> dict[str, SavedModule]:
+    """``{qualified name: SavedModule}`` of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, SavedModule)}
 
 
@@ -1664,6 +1677,7 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
 
 
 def _is_writer() -> bool:
+    """Whether this process writes files: rank 0 under torch.distributed, else always."""
     return (not (torch.distributed.is_available() and torch.distributed.is_initialized())
             or torch.distributed.get_rank() == 0)
 
@@ -1695,6 +1709,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
+    """:func:`save_adapter` on every rank; only ``writer`` touches ``path``."""
     model = getattr(model, "_orig_mod", model)  # the model inside a torch.compile wrapper: its names
     layers = dict(named_adapters(model))
     if not layers:
