@@ -732,7 +732,7 @@ class RandLoraAdapter(nn.Module):
         if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
             self._replan()
         # what was loaded decides: its merge state, or none beside a base weight (an unmerged one; see _state_hook)
-        if key in state_dict or prefix + "base.weight" in state_dict:
+        if key in state_dict or (isinstance(self, RandLoraLinear) and prefix + "base.weight" in state_dict):
             params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
@@ -983,9 +983,11 @@ def _classify(module: nn.Module) -> tuple[str, str | None]:
     free = not parametrize.is_parametrized(module) and not _own_call(module)
     if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
         return ("linear" if plain_fwd else "conv1d"), "adapted"
-    bnb4 = any(c.__module__.startswith("bitsandbytes") and c.__name__ == "Linear4bit"  # by name: bitsandbytes is
-               and c.forward is type(module).forward for c in type(module).__mro__)  # never imported; an nn.Linear
-    layout = "4bit" if free and bnb4 and type(w).__name__ == "Params4bit" else "opaque"
+    # bitsandbytes' Linear4bit (an nn.Linear), found by name: bitsandbytes is never imported
+    c4 = next((c for c in type(module).__mro__ if c.__module__.startswith("bitsandbytes")
+               and c.__name__ == "Linear4bit"), None)
+    bnb4 = c4 is not None and type(module).forward is c4.forward and type(w).__name__ == "Params4bit"
+    layout = "4bit" if free and bnb4 else "opaque"
     if isinstance(w, torch.Tensor) and not w.is_floating_point():
         return layout, "base"
     return layout, "adapted" if plain_fwd and not module._forward_pre_hooks and _plain_weight(w) else None

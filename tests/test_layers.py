@@ -1206,3 +1206,21 @@ def test_a_weight_resized_through_data_is_refused_naming_the_layer_when_read():
     model[0].base.weight.data = torch.randn(70, 32)
     with pytest.raises(ValueError, match=r"layer '0': its weight is now \(70, 32\), but it was adapted as \(64, 32\)"):
         model[0].weight
+
+
+def test_4bit_subclass_whose_nearest_linear4bit_has_its_own_forward_runs_its_own_forward():
+    """The 4-bit layout (the adapter dequantizes the weight itself) is taken only where the module uses the forward
+    of the nearest class named Linear4bit: a subclass from another bitsandbytes module that replaces it runs its own
+    forward, even if a class further down restores bitsandbytes' original."""
+    import sys
+    import types
+
+    import bitsandbytes as bnb
+
+    sys.modules.setdefault("bitsandbytes_ext", types.ModuleType("bitsandbytes_ext"))
+    ext = type("Linear4bit", (bnb.nn.Linear4bit,), {"forward": lambda self, x: bnb.nn.Linear4bit.forward(self, x),
+                                                    "__module__": "bitsandbytes_ext"})
+    mixed = type("Mixed", (ext,), {"forward": bnb.nn.Linear4bit.forward})
+    q = mixed(16, 8, quant_type="nf4", compute_dtype=torch.float32).to("cpu")  # quantizes
+    assert randlora._classify(q) == ("opaque", "base")
+    assert randlora._classify(bnb_linear("nf4", 16, 8, 0)) == ("4bit", "base")

@@ -1049,3 +1049,24 @@ def test_summary_rows_count_what_trains():
     rows = [int(line.split()[-1].replace(",", "")) for line in text.splitlines()[2:-1]]
     total = int(text.splitlines()[-1].split()[2].replace(",", ""))
     assert sum(rows) == total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_mha_stays_merged_when_a_state_dict_brings_only_an_unrelated_key():
+    """Only the merge state, or the base weight the adapter sits beside, says "unmerged": an unexpected key that
+    merely ends like a RandLoraLinear's base weight leaves a merged attention projection merged (its weight
+    still holds W + s·ΔW, so calling it unmerged would add the update twice)."""
+    torch.manual_seed(0)
+    model = MhaHolder(kdim=12, vdim=10).eval()
+    randlora.inject(model, ["attn"], 4, alpha=8.0)
+    for i, (_, ad) in enumerate(randlora.named_adapters(model)):
+        randomize_(ad, i)
+    inp = mha_inputs(True, 12, 10)
+    with torch.no_grad():
+        want = model(*inp)
+    randlora.merge(model)
+    stray = {f"{n}.base.weight": torch.zeros(3) for n, ad in randlora.named_adapters(model) if ".parametrizations." in n}
+    assert stray and set(model.load_state_dict(stray, strict=False).unexpected_keys) == set(stray)
+    assert all(ad.merged for _, ad in randlora.named_adapters(model))
+    randlora.unmerge(model)
+    with torch.no_grad():
+        assert_close(model(*inp), want, 1e-5, what="unmerged after the stray key")
