@@ -432,7 +432,7 @@ class RandLoraFunction(torch.autograd.Function):
             else:
                 y = torch.mm(lhs, rhs).mul_(p.scaling) if bias is None else torch.addmm(bias, lhs, rhs, alpha=p.scaling)
         ctx.save_for_backward(x, W, lam, gam, A, Bf)
-        ctx.call = call  # a None bias needs no grad
+        ctx.call = call  # a None bias has needs_input_grad False: its grad below is None
         return y
 
     @staticmethod
