@@ -8,6 +8,7 @@ import gc
 import hashlib
 
 import os
+import weakref
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from hypothesis import strategies as st
 import randlora
 from conftest import (
     CPU,
-    bases64,
     fresh_tiny,
     nonzero_uniform,
     randomize_,
@@ -28,6 +28,7 @@ from conftest import (
 )
 
 
+# Internal: reads the per-(device, dtype) cache of the bases object, which no public API exposes.
 def _copies(bases: randlora._Bases) -> list[torch.Tensor]:
     """Every tensor the bases object keeps: (A, Bf) pairs per (device, dtype), and sparse kinds' A per exact d."""
     return [t for v in bases._copies.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
@@ -35,6 +36,33 @@ def _copies(bases: randlora._Bases) -> list[torch.Tensor]:
 
 def _ptrs(tensors) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _layer_bases(kind: str, rank: int, seed: int, D: int, d: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bases a user's layer of shape (D, d), ``nn.Linear(d, D)``, gets from (rank, seed, kind): its public
+    ``random_bases(dtype)``, ``A`` ``(r, d)`` and ``B`` ``(D, n, r)``. Drawn afresh for exactly this shape, as a new
+    ``_Bases(rank, seed, kind)`` asked for (D, d) would be: the layer is checked to be the only holder of its bases
+    (they go with it), so they were not read off a copy that another live layer had grown."""
+    gc.collect()  # no layer left in a reference cycle still holds bases of this (rank, seed, kind)
+    layer = randlora.RandLoraLinear(nn.Linear(d, D), randlora.RandLoraConfig(rank=rank, seed=seed, bases=kind))
+    A, B = layer.random_bases(dtype)
+    n = -(-d // rank)
+    assert A.shape == (rank, d) and B.shape == (D, n, rank)
+    assert A.dtype == B.dtype == dtype
+    alive = weakref.ref(layer._bases)
+    del layer
+    if alive() is not None:  # a layer holds no reference cycle today: its bases go at `del`
+        gc.collect()
+    assert alive() is None, f"another live layer shares the bases of {(rank, seed, kind)}: not a fresh draw"
+    return A, B
+
+
+def _layer_dense(kind: str, rank: int, seed: int, D: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_layer_bases` in float32 with ``B`` flattened to ``Bf`` ``(D, n*r)``: the numbers (and shapes) that
+    ``_Bases(rank, seed, kind).dense(D, d)`` returns."""
+    A, B = _layer_bases(kind, rank, seed, D, d)
+    return A, B.reshape(D, -1)
 
 
 # -----------------------------------------------------------------------------
@@ -58,7 +86,7 @@ def test_full_rank(shape, seed, value_seed):
     d, D = min(in_f, out_f), max(in_f, out_f)
     n = -(-d // rank)
     assert n * rank >= d
-    A, B = bases64(randlora._Bases(rank, seed), D, d, rank)
+    A, B = _layer_bases("dense", rank, seed, D, d, torch.float64)
     g = torch.Generator().manual_seed(value_seed)
     lam = nonzero_uniform((rank, n), g, dtype=torch.float64)
     gam = nonzero_uniform((n, d), g, dtype=torch.float64)
@@ -89,7 +117,7 @@ def test_full_rank(shape, seed, value_seed):
 
 def test_full_rank_square_4096_like_layer_count():
     # The paper's selling point on one realistic-ish layer: 96x64, r=7 (7 does not divide 64).
-    A, B = bases64(randlora._Bases(7, 3), 96, 64, 7)
+    A, B = _layer_bases("dense", 7, 3, 96, 64, torch.float64)
     g = torch.Generator().manual_seed(0)
     lam = nonzero_uniform((7, 10), g, dtype=torch.float64)
     gam = nonzero_uniform((10, 64), g, dtype=torch.float64)
@@ -141,6 +169,7 @@ def test_delta_is_full_rank_reported_cases(kind, out_f, in_f, rank):
 # 2. Reproducibility and sharing
 
 
+# Internal: asks one bases object for several shapes in turn, to pin its cache growing on demand.
 def _dense(bases: randlora._Bases, D: int, d: int):
     A, Bf = bases.dense(D, d)
     return A.clone(), Bf.clone()
@@ -177,7 +206,7 @@ def _digest(*tensors: torch.Tensor) -> str:
 @pytest.mark.parametrize("case,digest", BASES_V02, ids=[str(c) for c, _ in BASES_V02])
 def test_bases_bit_identical_to_v02(case, digest):
     kind, rank, seed, D, d = case
-    assert _digest(*randlora._Bases(rank, seed, kind).dense(D, d)) == digest
+    assert _digest(*_layer_dense(kind, rank, seed, D, d)) == digest  # a fresh draw at exactly (D, d)
     # and what a layer of that shape computes with (its public view of the shared bases) is the same
     layer = randlora.RandLoraLinear(nn.Linear(d, D), randlora.RandLoraConfig(rank=rank, seed=seed, bases=kind))
     A, B = layer.random_bases()
@@ -185,7 +214,7 @@ def test_bases_bit_identical_to_v02(case, digest):
 
 
 def test_bases_statistics_dense():
-    A, Bf = randlora._Bases(8, 0).dense(512, 256)
+    A, Bf = _layer_dense("dense", 8, 0, 512, 256)
     for t in (A, Bf):
         assert t.dtype == torch.float32
         assert abs(t.mean().item()) < 0.05
@@ -197,22 +226,23 @@ def test_bases_statistics_dense():
 @pytest.mark.parametrize("kind", randlora.BASES_KINDS)
 def test_bases_same_seed_identical_different_seed_differ(kind):
     torch.manual_seed(0)
-    a = _dense(randlora._Bases(4, 11, kind), 40, 24)
+    a = _layer_dense(kind, 4, 11, 40, 24)
     torch.manual_seed(999)
     torch.rand(17)
-    b = _dense(randlora._Bases(4, 11, kind), 40, 24)
-    c = _dense(randlora._Bases(4, 12, kind), 40, 24)
+    b = _layer_dense(kind, 4, 11, 40, 24)  # drawn again: a's layer, the only holder of its bases, is gone
+    c = _layer_dense(kind, 4, 12, 40, 24)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
     # Different rank, same seed: different bases (not merely a slice).
-    e = _dense(randlora._Bases(3, 11, kind), 40, 24)
+    e = _layer_dense(kind, 3, 11, 40, 24)
     assert not torch.equal(a[0][:3], e[0])
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_bases_depend_only_on_layer_shape(kind):
-    small = _dense(randlora._Bases(4, 5, kind), 20, 12)
+    small = _layer_dense(kind, 4, 5, 20, 12)
     # Same object: ask for a larger layer after a small one (the copy grows), then the small one again.
+    # Internal: this checks one bases object's cache growing on demand (and reading the small shape off the grown copy).
     b = randlora._Bases(4, 5, kind)
     b.get(20, 12, CPU, torch.float32)
     big = _dense(b, 300, 200)  # grows D, d and n
@@ -223,14 +253,14 @@ def test_bases_depend_only_on_layer_shape(kind):
     assert torch.equal(big[0][:, :12], small[0])
     assert torch.equal(big[1].view(300, n_big, 4)[:20, :n_small].reshape(20, -1), small[1])
     # And a fresh object asked only for the big shape agrees too.
-    fresh_big = _dense(randlora._Bases(4, 5, kind), 300, 200)
+    fresh_big = _layer_dense(kind, 4, 5, 300, 200)
     assert torch.equal(fresh_big[0], big[0]) and torch.equal(fresh_big[1], big[1])
 
 
 def test_bases_prefix_across_generator_blocks():
     # Shapes past the 1024-column/row generator block.
-    b1 = _dense(randlora._Bases(2, 9), 1100, 3)
-    b2 = _dense(randlora._Bases(2, 9), 1500, 1030)
+    b1 = _layer_dense("dense", 2, 9, 1100, 3)
+    b2 = _layer_dense("dense", 2, 9, 1500, 1030)
     assert torch.equal(b2[0][:, :3], b1[0])
     assert torch.equal(b2[1].view(1500, 515, 2)[:1100, :2].reshape(1100, -1), b1[1])
 
@@ -329,6 +359,8 @@ def test_one_shared_copy_per_device_dtype():
 @pytest.mark.parametrize("kind", ["sparse", "very_sparse"])
 def test_sparse_bases_ternary_density_and_compact(kind):
     D, d, r = 256, 64, 4
+    # Internal: the int8 store, its scale and its sharing across compute dtypes are what no public API shows (a
+    # layer's random_bases are floats); dense bases' scale of None is likewise the object's own answer.
     b = randlora._Bases(r, 1, kind)
     scale = b.scale(d)
     assert scale is not None and randlora._Bases(r, 1).scale(d) is None  # int8 plus a scale; dense bases are floats
@@ -357,6 +389,7 @@ def test_sparse_bases_ternary_density_and_compact(kind):
 
 
 def test_very_sparse_uses_each_layers_own_sparsity():
+    # Internal: one int8 store per sparsity (the cache's keys) and the per-width scale are the object's own.
     b = randlora._Bases(2, 0, "very_sparse")
     b.get(64, 16, CPU, torch.float32)
     b.get(64, 36, CPU, torch.float32)
@@ -383,6 +416,8 @@ def test_sparse_layer_bit_identical_to_explicit_dense_bases(kind, shape):
         layer.strategy = strategy
         outs[strategy] = layer(x)
     # The same values as explicit float32 bases (stored ones, as a PEFT file gives them): bit for bit.
+    # Internal: stored bases `_Bases(rank, stored=...)` are built only by the PEFT loader; here they must be exactly
+    # this layer's, which no PEFT file round trip would isolate.
     explicit = randlora.RandLoraLinear(
         copy.deepcopy(base), randlora.RandLoraConfig(rank=rank, alpha=6.0), bases=randlora._Bases(rank, stored=layer.random_bases())
     )

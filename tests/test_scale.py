@@ -793,6 +793,7 @@ def test_compact_sparse_bases_memory(kind):
     # The benchmark model's shapes: D = 5632, d = 2048 at r = 32 (dense bf16 bases: 23.2 MB; as
     # int8: r·d + D·n·r = 11,599,872 bytes, the README's 11.6 MB).
     D, d, r = 5632, 2048, 32
+    # Internal: the bytes each bases object's per-(device, dtype) cache keeps (int8 against floats) are not public.
     dense = randlora._Bases(r, seed=5, kind="dense")
     compact = randlora._Bases(r, seed=5, kind=kind)
     dense.get(D, d, torch.device("cpu"), torch.bfloat16)
@@ -805,7 +806,7 @@ def test_compact_sparse_bases_memory(kind):
     ratio = copies_bytes(dense) / copies_bytes(compact)
     assert ratio >= 2.0, ratio
     # ... and 4x below the float32 bases PEFT keeps.
-    f32 = randlora._Bases(r, seed=5, kind="dense")
+    f32 = randlora._Bases(r, seed=5, kind="dense")  # internal, as above: the float32 cache's bytes
     f32.get(D, d, torch.device("cpu"), torch.float32)
     assert copies_bytes(f32) / copies_bytes(compact) >= 4.0
 
@@ -818,6 +819,8 @@ def test_compact_sparse_bases_match_dense_float_version(kind, dtype):
     for blk in twin.blocks:  # the dense float version of exactly these bases, per layer
         for name in TARGETS:
             m = getattr(blk, name)
+            # Internal: stored (PEFT-style) bases holding exactly this layer's floats; only the PEFT loader builds
+            # these, and a file round trip would not isolate the int8-against-float comparison.
             stored = randlora._Bases(m.rank, stored=m.random_bases(torch.float32))
             new = randlora.RandLoraLinear(m.base, m.config, m.name, bases=stored)
             with torch.no_grad():
