@@ -63,8 +63,7 @@ def _short_list(items: Sequence[object], limit: int = 10) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RandLoraConfig:
-    """One adapter's settings, validated once (README: API). ``alpha=None`` is ``20 * rank``; the bases come from
-    ``seed``."""
+    """One adapter's settings, validated once (README: API). ``alpha=None`` is ``20 * rank``; bases from ``seed``."""
 
     rank: int = 32
     alpha: float | None = None
@@ -110,8 +109,7 @@ def _num_bases(d: int, rank: int) -> int:
 
 
 def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniforms for ``A`` ``(rank, d)`` and ``B`` ``(D, n, rank)``, each block from a generator seeded by blake2b of its
-    key."""
+    """Uniforms for ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)``: a generator per block, seeded by its key's blake2b."""
 
     def draw(shape: tuple[int, int], *key: object) -> torch.Tensor:
         digest = hashlib.blake2b("|".join(map(str, ("randlora", seed, rank, *key))).encode(), digest_size=8).digest()
@@ -129,8 +127,7 @@ def _uniform_AB(seed: int, rank: int, D: int, d: int) -> tuple[torch.Tensor, tor
 
 
 def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
-    """Set ``block``'s diagonal (0 or ±1) so that every leading principal minor is odd: LU over GF(2), 62 bits per
-    int64 word."""
+    """Set ``block``'s diagonal (0 or ±1) so all leading principal minors are odd: LU over GF(2), 62-bit words."""
     K, WB = block.shape[0], 62
     nw, idx = -(-K // WB), torch.arange(K)
     bits = F.pad((block != 0).to(torch.int64).fill_diagonal_(0), (0, nw * WB - K))
@@ -148,23 +145,20 @@ def _fix_diagonal(block: torch.Tensor, u: torch.Tensor) -> None:
 
 
 def _sparse_AB(seed: int, rank: int, D: int, d: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternary int8 ``A`` ``(rank, d)``, ``B`` ``(D, n, rank)`` with odd-minor diagonals: ΔW stays full rank (``A``
-    depends on ``d``)."""
+    """Ternary int8 ``A`` ``(rank, d)`` (per ``d``), ``B`` ``(D, n, rank)``; odd-minor diagonals keep ΔW full rank."""
     uA, uB = _uniform_AB(seed, rank, D, d)
     A, B = ((u > 1 - 1 / (2 * s)).to(torch.int8) - (u < 1 / (2 * s)).to(torch.int8) for u in (uA, uB))
-    n, start = _num_bases(d, rank), 0
-    for b in range(n):
-        g = d // n + (b < d % n)
-        _fix_diagonal(A[:g, start : start + g], uA[:g, start : start + g])
-        start += g
+    n = _num_bases(d, rank)
+    sizes = [d // n + (b < d % n) for b in range(n)]  # A's n diagonal blocks, near equal
+    for a, u in zip(A.split(sizes, 1), uA.split(sizes, 1)):
+        _fix_diagonal(a[: a.shape[1]], u[: u.shape[1]])
     K = min(D, n * rank)
     _fix_diagonal(B.view(D, n * rank)[:K, :K], uB.view(D, n * rank)[:K, :K])
     return A, B
 
 
 class _Bases:
-    """The bases one adapter's layers share, from ``seed`` or ``stored`` (a PEFT file's): one copy per (device, dtype),
-    grown on demand."""
+    """An adapter's shared bases, from ``seed`` or ``stored`` (a PEFT file's): per (device, dtype), grown on demand."""
 
     def __init__(self, rank: int, seed: int = 0, kind: str = "dense", stored=None, peft: dict | None = None) -> None:
         self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
@@ -238,8 +232,7 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _update_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype an update is computed in: float32 for float16, whose range rounds ``S``'s small entries to
-    subnormals."""
+    """An update's dtype: float32 for float16, whose range rounds ``S``'s small entries to subnormals."""
     return torch.float32 if dtype == torch.float16 else dtype
 
 
@@ -257,13 +250,11 @@ def _adapted_weight(W, S: torch.Tensor, Bf: torch.Tensor, scaling: float, out_ge
 
 
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernels on the CPU
-try:
-    if os.environ.get("RANDLORA_TRITON", "1") == "0":
-        raise ImportError
-    import triton
-    import triton.language as tl
-except Exception:  # not installed (CPU builds) or broken: the reference is always there
-    triton = None
+triton = None
+if os.environ.get("RANDLORA_TRITON", "1") != "0":
+    with contextlib.suppress(Exception):  # not installed (CPU builds) or broken: the reference is always there
+        import triton.language as tl  # first: a broken triton.language leaves ``triton`` None
+        import triton
 TRITON = triton is not None
 
 if triton is not None:
@@ -281,8 +272,7 @@ if triton is not None:
 
     @triton.jit
     def _scale_grads_kernel(dS, A, lam, gam, dgam, part, r, n, d, ds_row, a_row, g_row, scaling, BLOCK: tl.constexpr):
-        # One program per (basis b, column block): reads dS[k*n + b, j] once for all k, accumulates dgam[b, j]
-        # and writes per-block partial sums of dlam (no atomics: deterministic).
+        # Per (basis b, column block): dS[k*n + b, j] read once for all k; dlam as per-block partials (deterministic)
         b, jb = tl.program_id(0), tl.program_id(1)
         j = jb * BLOCK + tl.arange(0, BLOCK)
         mask = j < d
@@ -316,8 +306,7 @@ def _small_basis(lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, dtype: t
 
 
 def _scale_grads(dS: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, A: torch.Tensor, scaling: float):
-    """``dlam`` ``(r, n)`` and ``dgam`` ``(n, d)`` (float32, float64 for float64) from the unscaled ``dS``
-    ``(r*n, d)``."""
+    """``dlam`` ``(r, n)``, ``dgam`` ``(n, d)`` (float32; float64 for float64) from the unscaled ``dS`` ``(r*n, d)``."""
     (r, n), d = lam.shape, gam.shape[1]
     if _use_triton(dS, A, gam, lam):
         blocks = triton.cdiv(d, 256)
