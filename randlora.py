@@ -587,8 +587,7 @@ class RandLoraAdapter(nn.Module):
             raise ValueError(f"layer {_short(self.name)} cannot take dropout {config.dropout}: {self._dropout_refusal}")
         if config.shared != self.config.shared or (config.dropout > 0 and "dropout" not in self._modules):
             raise ValueError(f"layer {_short(self.name)} cannot take {config}: (rank, alpha, seed, bases) must stay "
-                             f"{self.config.shared}"
-                             f"{', and it takes no dropout' if 'dropout' not in self._modules else ''}")
+                             f"{self.config.shared}{'' if 'dropout' in self._modules else ', and it takes no dropout'}")
         if config != self.config:
             self.config = config
             if "dropout" in self._modules:
@@ -728,16 +727,16 @@ class RandLoraAdapter(nn.Module):
             self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
             self.merge()
 
+    @torch.no_grad()
     def delta_weight(self, dtype: torch.dtype = torch.float32, lam=None, gam=None) -> torch.Tensor:
         """``scaling * ΔW`` ``(out, in)`` in ``dtype``, computed in float32 (float64 for float64), without grad."""
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"delta_weight's dtype must be a floating torch.dtype, got {_short(dtype)}")
         lam, gam = self.lam if lam is None else lam, self.gam if gam is None else gam
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        with torch.no_grad():
-            A, Bf = self._bases.dense(self.D, self.d, acc, device=lam.device)
-            M = Bf @ _small_basis(lam, gam, A, acc)
-            return ((M if self.out_features >= self.in_features else M.t()) * self.scaling).to(dtype)
+        A, Bf = self._bases.dense(self.D, self.d, acc, device=lam.device)
+        M = Bf @ _small_basis(lam, gam, A, acc)
+        return ((M if self.out_features >= self.in_features else M.t()) * self.scaling).to(dtype)
 
     def random_bases(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's random bases on the CPU: ``A`` ``(r, d)`` and ``B`` ``(D, n, r)`` (docs/MATH.md#the-update)."""
@@ -903,10 +902,8 @@ class SavedModule(nn.Module):
         super().__init__()
         if isinstance(module, (SavedModule, RandLoraAdapter)):
             raise TypeError(f"module {_short(name)} is already a RandLoRA {type(module).__name__}")
-        # first: a module deepcopy refuses is left as it was; a tied parameter is copied
-        trained = copy.deepcopy(module)
-        # in this order: state dict and optimizer order
-        self.original, self.trained = module.requires_grad_(False), trained
+        trained = copy.deepcopy(module)  # first: a module deepcopy refuses stays as it was; a tied parameter is copied
+        self.original, self.trained = module.requires_grad_(False), trained  # in this order: state dict and optimizer's
         self.name, self.disabled, self.training = name, False, module.training
         self.trainable_()
 
