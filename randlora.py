@@ -1741,8 +1741,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if version not in READ_VERSIONS:
             raise ValueError(f"{path} has format_version {_short(version)}; this randlora reads {READ_VERSIONS}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    odd = next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)
-    if odd is not None:
+    if (odd := next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)) is not None:
         raise ValueError(f"{path}: tensor {_short(odd)} is {tensors[odd].dtype}, which no randlora file holds")
     if version >= "3" and "checksum" not in meta:
         raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
@@ -1894,9 +1893,8 @@ def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
     """The PEFT folder at ``path`` and its adapter_config.json, refused naming a backup, several adapters or pickles."""
     folder = os.fspath(path)
     if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
-        backup = _backup_path(os.path.realpath(folder))
-        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup)
-                else "")
+        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)"
+                if os.path.isdir(backup := _backup_path(os.path.realpath(folder))) else "")
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir()
                   and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
@@ -2000,9 +1998,9 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
     tensors, bases, unexpected = {}, {}, []
     for k in f.keys():
         stem, _, suffix = k.rpartition(".")
-        layer, owner = stem.removeprefix(_PEFT), next((n for n in saved if k.startswith(f"{_PEFT}{n}.")), None)
+        layer = stem.removeprefix(_PEFT)
         ours = stem.startswith(_PEFT) and layer in found  # a key of a target layer
-        if owner is not None:
+        if any(k.startswith(f"{_PEFT}{n}.") for n in saved):  # a key of a module to save
             tensors[k.removeprefix(_PEFT)] = f.get_tensor(k)
         elif ours and suffix in ("randlora_lambda", "randlora_gamma"):
             tensors[f"{layer}.{suffix[9:12]}"] = f.get_tensor(k)  # randlora_lambda -> lam, randlora_gamma -> gam
