@@ -1629,8 +1629,7 @@ def _fsync(path: str) -> None:
 
 
 def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
-    """Write ``path`` (file or folder) by ``write(new)`` in a folder beside it, fsync, rename (README: What a saved
-    adapter guarantees)."""
+    """``write(new)`` beside ``path`` (file or folder), fsync, rename (README: What a saved adapter guarantees)."""
     parent, name = os.path.split(path)
     for e in os.scandir(parent or "."):  # a killed save's temporary folder (safetensors' own temporary file inside)
         if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
@@ -1727,8 +1726,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if version not in READ_VERSIONS:
             raise ValueError(f"{path} has format_version {_short(version)}; this randlora reads {READ_VERSIONS}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    odd = next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)
-    if odd is not None:
+    if (odd := next((k for k, t in tensors.items() if t.dtype not in _ST_CODES), None)) is not None:
         raise ValueError(f"{path}: tensor {_short(odd)} is {tensors[odd].dtype}, which no randlora file holds")
     if version >= "3" and "checksum" not in meta:
         raise ValueError(f"{path} has no checksum, which format {version} files have: damaged metadata?")
@@ -1862,8 +1860,7 @@ _PEFT_UNSUPPORTED = ("layers_to_transform", "layers_pattern", "rank_pattern", "a
 
 def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int,
                      draw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT 0.21's bases without ``save_projection`` (docs/MATH.md#peft-draws): ``A`` ``(r, d)``, ``B`` ``(D, n, r)``
-    float32."""
+    """PEFT 0.21's bases without save_projection (docs/MATH.md#peft-draws): A (r, d), B (D, n, r), float32."""
     g, n = torch.Generator().manual_seed(key), _num_bases(d, rank)
     if kind == "dense":
         draw = lambda *s: nn.init.kaiming_uniform_(torch.empty(s, dtype=draw_dtype), a=math.sqrt(5), generator=g)
@@ -1880,9 +1877,8 @@ def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
     """The PEFT folder at ``path`` and its adapter_config.json, refused naming a backup, several adapters or pickles."""
     folder = os.fspath(path)
     if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
-        backup = _backup_path(os.path.realpath(folder))
-        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup)
-                else "")
+        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)"
+                if os.path.isdir(backup := _backup_path(os.path.realpath(folder))) else "")
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir()
                   and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
@@ -1960,9 +1956,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         raise ValueError(f"{folder}: target_modules {_short(t)} {what}; "
                          f"the model's linear layers: {_linear_names(model)}")
     holders = _holders(model)  # a parent under any of the layer's names
-    reads = [n for n in found
-             if any(_weight_reader(p, a) == "computes" for p, a in holders[id(model.get_submodule(n))])]
-    if reads:
+    if reads := [n for n in found
+                 if any(_weight_reader(p, a) == "computes" for p, a in holders[id(model.get_submodule(n))])]:
         raise ValueError(f"{folder}: layer {_short(reads[0])}'s parent reads its weight directly "
                          "(nn.MultiheadAttention, nn.TransformerEncoderLayer), where PEFT's update applies in some "
                          "modes and not in others: not loadable")
@@ -1986,9 +1981,9 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
     tensors, bases, unexpected = {}, {}, []
     for k in f.keys():
         stem, _, suffix = k.rpartition(".")
-        layer, owner = stem.removeprefix(_PEFT), next((n for n in saved if k.startswith(f"{_PEFT}{n}.")), None)
+        layer = stem.removeprefix(_PEFT)
         ours = stem.startswith(_PEFT) and layer in found  # a key of a target layer
-        if owner is not None:
+        if any(k.startswith(f"{_PEFT}{n}.") for n in saved):  # a key of a module to save
             tensors[k.removeprefix(_PEFT)] = f.get_tensor(k)
         elif ours and suffix in ("randlora_lambda", "randlora_gamma"):
             tensors[f"{layer}.{suffix[9:12]}"] = f.get_tensor(k)  # randlora_lambda -> lam, randlora_gamma -> gam
@@ -2037,8 +2032,7 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only "
                              "nn.Linear, Conv1D and bitsandbytes' Linear8bitLt / Linear4bit")
     for name in saved:
-        others = [n for n, _ in model.named_modules() if n.endswith(name) and not f"{n}.".startswith(f"{name}.")]
-        if others:
+        if others := [n for n, _ in model.named_modules() if n.endswith(name) and not f"{n}.".startswith(f"{name}.")]:
             raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would "
                              f"also select {_short_list(others, 5)}; this adapter cannot be written in PEFT's format")
     return layers, saved
@@ -2053,8 +2047,7 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
     if os.path.isdir(_backup_path(target)) and _is_writer():
         shutil.rmtree(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
     st = _stat(path, stat.S_ISDIR, "an adapter folder is written there")
-    subs = sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False)) if st else []
-    if subs:
+    if st and (subs := sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False))):
         raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); "
                          "the adapter folder is replaced as a whole and they would be lost")
     config |= {"peft_type": peft_type, "base_model_name_or_path": None, "bias": "none", "inference_mode": True,
