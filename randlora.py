@@ -1877,8 +1877,9 @@ def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
     """The PEFT folder at ``path`` and its adapter_config.json, refused naming a backup, several adapters or pickles."""
     folder = os.fspath(path)
     if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
-        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)"
-                if os.path.isdir(backup := _backup_path(os.path.realpath(folder))) else "")
+        backup = _backup_path(os.path.realpath(folder))
+        hint = (f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup)
+                else "")
         raise FileNotFoundError(f"no PEFT adapter folder at {folder}{hint}")
     subs = sorted(e.name for e in os.scandir(folder) if e.is_dir()
                   and os.path.isfile(os.path.join(e.path, PEFT_CONFIG_NAME)))
