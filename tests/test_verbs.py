@@ -775,9 +775,8 @@ def test_merged_state_inside_disable_is_refused():
             model.load_state_dict(src.state_dict())
 
 
-def test_mha_state_dict_carries_merge_state():
-    """model.state_dict() of a merged/unmerged MHA adapter loads into a model in the other state
-    with the right outputs (the in-projection's stored weight sits beside its RandLoraWeight)."""
+def _adapted_mha():
+    """An MHA (kdim 12, vdim 10) adapted with random lam/gam, its inputs and its unmerged outputs."""
     torch.manual_seed(0)
     model = MhaHolder(kdim=12, vdim=10).eval()
     randlora.inject(model, ["attn"], 4, alpha=8.0)
@@ -786,6 +785,13 @@ def test_mha_state_dict_carries_merge_state():
     inp = mha_inputs(True, 12, 10)
     with torch.no_grad():
         want = model(*inp)
+    return model, inp, want
+
+
+def test_mha_state_dict_carries_merge_state():
+    """model.state_dict() of a merged/unmerged MHA adapter loads into a model in the other state
+    with the right outputs (the in-projection's stored weight sits beside its RandLoraWeight)."""
+    model, inp, want = _adapted_mha()
     unmerged_sd = copy.deepcopy(model.state_dict())
     merged = randlora.merge(copy.deepcopy(model))
     merged_sd = copy.deepcopy(merged.state_dict())
@@ -1055,14 +1061,7 @@ def test_mha_stays_merged_when_a_state_dict_brings_only_an_unrelated_key():
     """Only the merge state, or the base weight the adapter sits beside, says "unmerged": an unexpected key that
     merely ends like a RandLoraLinear's base weight leaves a merged attention projection merged (its weight
     still holds W + s·ΔW, so calling it unmerged would add the update twice)."""
-    torch.manual_seed(0)
-    model = MhaHolder(kdim=12, vdim=10).eval()
-    randlora.inject(model, ["attn"], 4, alpha=8.0)
-    for i, (_, ad) in enumerate(randlora.named_adapters(model)):
-        randomize_(ad, i)
-    inp = mha_inputs(True, 12, 10)
-    with torch.no_grad():
-        want = model(*inp)
+    model, inp, want = _adapted_mha()
     randlora.merge(model)
     stray = {f"{n}.base.weight": torch.zeros(3) for n, ad in randlora.named_adapters(model) if ".parametrizations." in n}
     assert stray and set(model.load_state_dict(stray, strict=False).unexpected_keys) == set(stray)
