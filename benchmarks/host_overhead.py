@@ -27,6 +27,10 @@ Methods (``--methods``, comma separated; ``NAME@R`` sets the rank):
   ours          randlora.inject(model, names, rank=R) (default R: the RandLoRA rank whose trainable count is
                 closest to LoRA r16's on these layers; for 64x64 that is r=2, 2,112 vs 2,048 per layer)
   randlora      PEFT RandLoRA at the same rank (PEFT's defaults otherwise)
+  bare          a floor for ours: the same factorized update (out >= in, dense bases, ours' bases and lam/gam) as a
+                bare torch.autograd.Function, with no input checks, plan, routes, autocast or hooks; its output and
+                gradients are checked against ours' before timing. What any Python autograd.Function computing this
+                update without keeping S costs on the host.
 Adapter parameters that start at zero (lora_B, lam) are drawn from N(0, 0.02) first (never time on zeros).
 On CUDA the model is bf16 (``--dtype``), the adapter attached afterwards (PEFT keeps its adapter weights
 float32 then, its default; ours keeps lam/gam float32); on CPU float32.
@@ -50,11 +54,12 @@ import traceback
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-DEFAULT_METHODS = "frozen,lora,ours,randlora,ours@16,randlora@16"
+DEFAULT_METHODS = "frozen,lora,ours,bare,randlora,ours@16,randlora@16"
 
 
 def import_randlora(tries: int = 3, wait_s: float = 2.0):
@@ -102,11 +107,64 @@ def cpu_name() -> str:
 
 def parse_method(text: str, default_rank: dict[str, int]) -> tuple[str, str, int | None]:
     kind, _, rank = text.partition("@")
-    if kind not in ("frozen", "lora", "ours", "randlora"):
-        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, randlora (optionally @RANK)")
+    if kind not in ("frozen", "lora", "ours", "randlora", "bare"):
+        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, randlora, bare (optionally @RANK)")
     r = None if kind == "frozen" else int(rank) if rank else default_rank[kind]
     label = kind if kind == "frozen" else f"{kind} r{r}"
     return label, kind, r
+
+
+class BareFunction(torch.autograd.Function):
+    """Ours' factorized update for out >= in, ``y = x W^T + b + s (x S^T) Bf^T``, with nothing around it."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, lam, gam, A, Bf, s):
+        S = (lam.unsqueeze(2) * gam * A.unsqueeze(1)).flatten(0, 1).to(x.dtype)  # (r*n, d), recomputed backward
+        ctx.save_for_backward(x, W, lam, gam, A, Bf)
+        ctx.s = s
+        return F.linear(x, W, b).addmm_(x @ S.t(), Bf.t(), alpha=s)
+
+    @staticmethod
+    def backward(ctx, dY):
+        x, W, lam, gam, A, Bf = ctx.saved_tensors
+        (r, n), s = lam.shape, ctx.s
+        S = (lam.unsqueeze(2) * gam * A.unsqueeze(1)).flatten(0, 1).to(x.dtype)
+        dH = dY @ Bf
+        dSA = (dH.t() @ x).view(r, n, -1) * (A.float() * s).unsqueeze(1)
+        dX = torch.addmm(dY @ W, dH, S, alpha=s)
+        return dX, None, None, (dSA * gam).sum(-1), (dSA * lam.unsqueeze(-1)).sum(0), None, None, None
+
+
+class Bare(nn.Module):
+    """``layer`` (a RandLoraLinear, out >= in, dense bases) computed by :class:`BareFunction`."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        assert layer.out_features >= layer.in_features and layer._bases.kind == "dense"
+        A, B = layer.random_bases()
+        dtype, dev = layer.base.weight.dtype, layer.base.weight.device
+        self.base, self.lam, self.gam, self.s = layer.base, layer.lam, layer.gam, layer.scaling
+        self.register_buffer("A", A.to(dev, dtype))
+        self.register_buffer("Bf", B.flatten(1).to(dev, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return BareFunction.apply(x, self.base.weight, self.base.bias, self.lam, self.gam, self.A, self.Bf, self.s)
+
+
+def bare_model(ours: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> nn.Module:
+    """``ours`` (an adapted stack) with each adapter computed by :class:`Bare`, checked against ``ours``."""
+    bare = nn.Sequential(*[Bare(layer) for layer in ours])
+    grads = []
+    for model in (ours, bare):
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        y = model(x)
+        y.backward(dy)
+        grads.append([y.detach(), x.grad.clone(), *(p.grad.clone() for p in model.parameters() if p.requires_grad)])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-2 if x.dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+    return bare
 
 
 def build(kind: str, rank: int | None, args, dev: str, dtype: torch.dtype) -> nn.Module:
@@ -122,7 +180,7 @@ def build(kind: str, rank: int | None, args, dev: str, dtype: torch.dtype) -> nn
         from peft import RandLoraConfig, get_peft_model
 
         model = get_peft_model(model, RandLoraConfig(r=rank, target_modules=names))
-    elif kind == "ours":
+    elif kind in ("ours", "bare"):
         randlora = import_randlora()
         randlora.inject(model, names, rank=rank)
         got = len(list(randlora.named_adapters(model)))
@@ -226,7 +284,7 @@ def main() -> None:
 
     shapes = [(args.dim, args.dim)] * args.layers
     r_eq = equal_count_rank(shapes, args.lora_rank)
-    defaults = {"lora": args.lora_rank, "ours": r_eq, "randlora": r_eq}
+    defaults = {"lora": args.lora_rank, "ours": r_eq, "bare": r_eq, "randlora": r_eq}
     methods = [parse_method(m.strip(), defaults) for m in args.methods.split(",") if m.strip()]
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU {cpu_name()}"
     try:
@@ -250,6 +308,7 @@ def main() -> None:
         e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], fwd_cpu_times_s=[], status="ok")
         try:
             model = build(kind, rank, args, dev, dtype)
+            model = bare_model(model, x, dy) if kind == "bare" else model
             e["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             e["trainable_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
             call, forward = make_call(model, x, dy)

@@ -39,6 +39,16 @@ def test_bench_small_eager_runs_every_method(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in res["runs"])
 
 
+def test_host_overhead_times_every_method_and_the_bare_floor_computes_ours(tmp_path):
+    """host_overhead.py times each method; its bare floor (the same update as a bare autograd.Function) is checked
+    against ours before timing, so the floor it reports computes what ours computes."""
+    out = tmp_path / "host.json"
+    _run(tmp_path, "benchmarks/host_overhead.py", "--tiny", "--methods", "frozen,lora,ours,bare", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert {e["method"] for e in res["methods"].values()} == {"frozen", "lora", "ours", "bare"}
+    assert all(e["status"] == "ok" and e["median_us"] > 0 for e in res["methods"].values())
+
+
 def test_flops_on_meta_count_what_a_real_step_computes(monkeypatch):
     """flops.py counts on the meta device: each method's matmuls (mm, addmm: every linear layer and adapter) count as
     in the same step run on the CPU (whose fused attention kernel torch's counter skips; meta runs attention as bmm),

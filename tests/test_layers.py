@@ -188,6 +188,29 @@ def test_non_contiguous_input():
             assert_close(a, e, 2e-5, what=name)
 
 
+@pytest.mark.parametrize("route", ["build", "factorized", "dropout"])
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6)], ids=str)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=str)
+def test_output_can_be_modified_in_place(route, shape, lead):
+    """The output is a tensor of its own, never a view made inside the autograd function (autograd refuses in-place
+    changes to those): models scale or add to a projection's output in place, and the gradients stay exact."""
+    in_f, out_f = shape
+    layer = make_layer(in_f, out_f, 2, strategy="factorized" if route == "dropout" else route,
+                       dropout=0.5 if route == "dropout" else 0.0).eval()  # eval: the dropout route, dropping nothing
+    layer.train(route == "dropout")
+    layer.dropout.eval()
+    g = torch.Generator().manual_seed(3)
+    x, dY = torch.randn(*lead, in_f, generator=g), torch.randn(*lead, out_f, generator=g)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.mul_(2).add_(1)
+    y.backward(dY)
+    y_ref, dx_ref, dlam_ref, dgam_ref = reference(layer, x, 2 * dY)
+    for name, a, e in (("y", y.detach(), 2 * y_ref + 1), ("dx", xg.grad, dx_ref), ("dlam", layer.lam.grad, dlam_ref),
+                       ("dgam", layer.gam.grad, dgam_ref)):
+        assert_close(a, e, 2e-5, what=name)
+
+
 def test_base_weight_trainable_gets_full_gradient():
     layer = make_layer(8, 6, 3)
     layer.base.weight.requires_grad_(True)  # frozen by the constructor; the user unfreezes it
