@@ -832,7 +832,8 @@ def _arch_peft_load(kind, folder):
         ("gpt2", ["c_attn", "c_proj", "c_fc"], {}),
         ("t5", ["q", "k", "v", "o", "wi", "wo"], {}),
         ("bert", ["query", "value", "intermediate.dense"], {"modules_to_save": ["classifier"]}),
-        ("vit", ["q_proj", "v_proj", "fc1"], {"modules_to_save": ["classifier"]}),
+        # transformers 5 names ViT's projections q_proj, v_proj, fc1; 4.x query, value, intermediate.dense
+        ("vit", r".*\.(q_proj|v_proj|fc1|query|value|intermediate\.dense)", {"modules_to_save": ["classifier"]}),
     ],
 )
 def test_to_peft_matches_peft_on_architectures(kind, targets, extra, tmp_path):

@@ -642,7 +642,7 @@ def _tiny_llama():
     return model.train()
 
 
-@pytest.mark.parametrize("reentrant", [None, True])
+@pytest.mark.parametrize("reentrant", [None, True, False])
 def test_transformers_gradient_checkpointing_same_gradients(reentrant):
     model = _tiny_llama()
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -659,8 +659,9 @@ def test_transformers_gradient_checkpointing_same_gradients(reentrant):
         if reentrant is None:
             model.gradient_checkpointing_enable()  # the library's default
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            model.enable_input_require_grads()  # frozen embeddings: reentrant needs a grad-requiring input
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                model.enable_input_require_grads()  # frozen embeddings: reentrant needs a grad-requiring input
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     l1, g1 = grads()
     torch.testing.assert_close(l1, l0)

@@ -85,7 +85,8 @@ TARGETS = {
     "llama": LLAMA_TARGETS,
     "gpt2": GPT2_TARGETS,
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense"],
-    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+    # every linear layer of the blocks, as transformers 5 names them (q_proj ... fc2) or 4.x (query ... dense)
+    "vit": r".*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2|query|key|value|dense)",
     "t5": T5_TARGETS,
     "encoder": ["self_attn", "linear1", "linear2"],
     **{k: BLOCK_TARGETS for k in ("block", "block-sf", "block-kv", "block-kv-sf")},
