@@ -196,9 +196,9 @@ def test_output_can_be_modified_in_place(route, shape, lead):
     changes to those): models scale or add to a projection's output in place, and the gradients stay exact."""
     in_f, out_f = shape
     layer = make_layer(in_f, out_f, 2, strategy="factorized" if route == "dropout" else route,
-                       dropout=0.5 if route == "dropout" else 0.0).eval()  # eval: the dropout route, dropping nothing
-    layer.train(route == "dropout")
-    layer.dropout.eval()
+                       dropout=0.5 if route == "dropout" else 0.0)
+    layer.train(route == "dropout")  # dropout > 0 while training: the base's own call plus the update beside it
+    layer.dropout.eval()  # dropping nothing, so the float64 reference holds
     g = torch.Generator().manual_seed(3)
     x, dY = torch.randn(*lead, in_f, generator=g), torch.randn(*lead, out_f, generator=g)
     xg = x.clone().requires_grad_()
