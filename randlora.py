@@ -670,21 +670,22 @@ class RandLoraAdapter(nn.Module):
             raise TypeError(f"cannot merge: layer {_short(self.name)} wraps a {type(self.base).__name__}, "
                             + _UNMERGEABLE)
         if not self.merged:
-            self._add_to_weight((self.lam.detach().clone(), self.gam.detach().clone()))
+            params = (self.lam.detach().clone(), self.gam.detach().clone())
+            self._add_to_weight(*params, 1.0)
+            self._merged_params, self.merged = params, True  # after the add: one that raises leaves all as it was
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added (from lam/gam as they were at merge time)."""
         if self.merged:
-            self._add_to_weight(None)
+            self._add_to_weight(*self._merged_params, -1.0)
+            self._merged_params, self.merged = None, False
 
-    def _add_to_weight(self, params: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Merge ``params`` (lam, gam) into the stored weight, or with None subtract the merged ones."""
-        (lam, gam), sign = (params, 1.0) if params is not None else (self._merged_params, -1.0)
+    def _add_to_weight(self, lam: torch.Tensor, gam: torch.Tensor, sign: float) -> None:
+        """Add ``sign * scaling * ΔW(lam, gam)`` to the stored weight."""
         w, self._memo.entry = self._stored_weight(), None
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         w.copy_((w.to(acc) + sign * self.delta_weight(acc, lam, gam).to(w.device)).to(w.dtype))
-        self._merged_params, self.merged = params, params is not None
 
     # While merged, the state dict says so ("<layer>._extra_state" = [1, lam, gam as merged]): never loaded as unmerged.
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
