@@ -31,6 +31,12 @@ Methods (``--methods``, comma separated; ``NAME@R`` sets the rank):
                 bare torch.autograd.Function, with no input checks, plan, routes, autocast or hooks; its output and
                 gradients are checked against ours' before timing. What any Python autograd.Function computing this
                 update without keeping S costs on the host.
+  builtin       the same update from built-in operations, ``addmm(x W^T + b, x S^T, Bf^T)`` with ``S`` built from
+                lam, gam, A in float32: autograd's C++ engine runs the whole backward, as it does LoRA's, but keeps
+                ``S`` (r*n x d) from forward to backward, a weight-sized tensor per layer, which ours refuses to
+                keep; checked against ours' like bare. What skipping the Python backward would cost on the host.
+The "saved bytes" column is what autograd keeps from forward to backward per layer call beyond the model's own
+tensors (parameters, buffers, frozen bases): the storages torch.autograd.graph.saved_tensors_hooks sees, each once.
 Adapter parameters that start at zero (lora_B, lam) are drawn from N(0, 0.02) first (never time on zeros).
 On CUDA the model is bf16 (``--dtype``), the adapter attached afterwards (PEFT keeps its adapter weights
 float32 then, its default; ours keeps lam/gam float32); on CPU float32.
@@ -107,8 +113,8 @@ def cpu_name() -> str:
 
 def parse_method(text: str, default_rank: dict[str, int]) -> tuple[str, str, int | None]:
     kind, _, rank = text.partition("@")
-    if kind not in ("frozen", "lora", "ours", "randlora", "bare"):
-        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, randlora, bare (optionally @RANK)")
+    if kind not in ("frozen", "lora", "ours", "randlora", "bare", "builtin"):
+        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, randlora, bare, builtin (optionally @RANK)")
     r = None if kind == "frozen" else int(rank) if rank else default_rank[kind]
     label = kind if kind == "frozen" else f"{kind} r{r}"
     return label, kind, r
@@ -151,9 +157,23 @@ class Bare(nn.Module):
         return BareFunction.apply(x, self.base.weight, self.base.bias, self.lam, self.gam, self.A, self.Bf, self.s)
 
 
-def bare_model(ours: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> nn.Module:
-    """``ours`` (an adapted stack) with each adapter computed by :class:`Bare`, checked against ``ours``."""
-    bare = nn.Sequential(*[Bare(layer) for layer in ours])
+class Builtin(Bare):
+    """``layer`` computed from built-in operations: autograd's own backward, keeping ``S``; as few calls as it takes."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(layer)
+        self.register_buffer("A3", self.A.float().unsqueeze(1))  # (r, 1, d): broadcast against gam (n, d)
+        self.register_buffer("Bt", self.Bf.t().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = (self.lam.unsqueeze(2) * self.gam * self.A3).flatten(0, 1)
+        S = S if S.dtype == x.dtype else S.to(x.dtype)
+        return torch.addmm(F.linear(x, self.base.weight, self.base.bias), x @ S.t(), self.Bt, alpha=self.s)
+
+
+def bare_model(ours: nn.Module, x: torch.Tensor, dy: torch.Tensor, cls: type = Bare) -> nn.Module:
+    """``ours`` (an adapted stack) with each adapter computed by ``cls``, checked against ``ours``."""
+    bare = nn.Sequential(*[cls(layer) for layer in ours])
     grads = []
     for model in (ours, bare):
         x.grad = None
@@ -180,7 +200,7 @@ def build(kind: str, rank: int | None, args, dev: str, dtype: torch.dtype) -> nn
         from peft import RandLoraConfig, get_peft_model
 
         model = get_peft_model(model, RandLoraConfig(r=rank, target_modules=names))
-    elif kind in ("ours", "bare"):
+    elif kind in ("ours", "bare", "builtin"):
         randlora = import_randlora()
         randlora.inject(model, names, rank=rank)
         got = len(list(randlora.named_adapters(model)))
@@ -208,6 +228,23 @@ def make_call(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
         model(x)
 
     return call, forward
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps from one forward to its backward beyond the model's own tensors (parameters, buffers,
+    frozen bases): activations and whatever the method computes and keeps, each storage once."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and (t.grad_fn is not None or t.requires_grad):  # not a frozen leaf (weights, bases)
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
 
 
 def sync(dev: str) -> None:
@@ -284,7 +321,7 @@ def main() -> None:
 
     shapes = [(args.dim, args.dim)] * args.layers
     r_eq = equal_count_rank(shapes, args.lora_rank)
-    defaults = {"lora": args.lora_rank, "ours": r_eq, "bare": r_eq, "randlora": r_eq}
+    defaults = {"lora": args.lora_rank, "ours": r_eq, "bare": r_eq, "builtin": r_eq, "randlora": r_eq}
     methods = [parse_method(m.strip(), defaults) for m in args.methods.split(",") if m.strip()]
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU {cpu_name()}"
     try:
@@ -308,7 +345,9 @@ def main() -> None:
         e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], fwd_cpu_times_s=[], status="ok")
         try:
             model = build(kind, rank, args, dev, dtype)
-            model = bare_model(model, x, dy) if kind == "bare" else model
+            if kind in ("bare", "builtin"):
+                model = bare_model(model, x, dy, Bare if kind == "bare" else Builtin)
+            e["saved_bytes_per_layer"] = saved_bytes(model, x) // args.layers
             e["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             e["trainable_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
             call, forward = make_call(model, x, dy)
@@ -353,11 +392,11 @@ def main() -> None:
     print("\nµs per adapted-layer call (forward + backward), median of the repeats (range); wall = time.perf_counter, "
           "CPU = time.process_time of the process (robust to other load on the machine)")
     print("| method | trainable per layer | wall µs | CPU µs | CPU over frozen | wall ÷ LoRA | CPU ÷ LoRA | forward CPU µs (÷ LoRA) "
-          "| backward CPU µs (÷ LoRA) |")
-    print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- | --- |")
+          "| backward CPU µs (÷ LoRA) | saved bytes |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: | --- | --- | ---: |")
     for label, e in entries.items():
         if "median_us" not in e:
-            print(f"| {label} | | {e['status']}: {e.get('error', '')[:80]} | | | | | | |")
+            print(f"| {label} | | {e['status']}: {e.get('error', '')[:80]} | | | | | | | |")
             continue
         frozen_cpu, lora_w, lora_c = ref("frozen", "cpu_median_us"), ref("lora", "median_us"), ref("lora", "cpu_median_us")
         over = f"{e['cpu_median_us'] - frozen_cpu:.1f}" if frozen_cpu is not None else ""
@@ -367,7 +406,8 @@ def main() -> None:
         parts = [f"{e[f'{k}_cpu_median_us']:.1f} ({e[f'{k}_cpu_median_us'] / ref('lora', f'{k}_cpu_median_us'):.2f})"
                  if ref("lora", f"{k}_cpu_median_us") else f"{e[f'{k}_cpu_median_us']:.1f}" for k in ("fwd", "bwd")]
         print(f"| {label} | {per_layer:,} | {e['median_us']:.1f} ({e['min_us']:.1f}–{e['max_us']:.1f}) | "
-              f"{e['cpu_median_us']:.1f} ({e['cpu_min_us']:.1f}–{e['cpu_max_us']:.1f}) | {over} | {rw} | {rc} | {parts[0]} | {parts[1]} |")
+              f"{e['cpu_median_us']:.1f} ({e['cpu_min_us']:.1f}–{e['cpu_max_us']:.1f}) | {over} | {rw} | {rc} | {parts[0]} | {parts[1]} "
+              f"| {e['saved_bytes_per_layer']:,} |")
     try:
         load = ", load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:

@@ -39,14 +39,20 @@ def test_bench_small_eager_runs_every_method(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in res["runs"])
 
 
-def test_host_overhead_times_every_method_and_the_bare_floor_computes_ours(tmp_path):
-    """host_overhead.py times each method; its bare floor (the same update as a bare autograd.Function) is checked
-    against ours before timing, so the floor it reports computes what ours computes."""
+def test_host_overhead_times_every_method_and_the_floors_compute_ours(tmp_path):
+    """host_overhead.py times each method; its two floors (the same update as a bare autograd.Function, and from
+    built-in operations) are checked against ours before timing, so the floors it reports compute what ours computes;
+    and it counts what autograd keeps: ours the input alone, the built-in floor S (r*n x d) beside it."""
     out = tmp_path / "host.json"
-    _run(tmp_path, "benchmarks/host_overhead.py", "--tiny", "--methods", "frozen,lora,ours,bare", "--json", str(out))
+    _run(tmp_path, "benchmarks/host_overhead.py", "--tiny", "--methods", "frozen,lora,ours,bare,builtin", "--json",
+         str(out))
     res = json.loads(out.read_text())
-    assert {e["method"] for e in res["methods"].values()} == {"frozen", "lora", "ours", "bare"}
+    assert {e["method"] for e in res["methods"].values()} == {"frozen", "lora", "ours", "bare", "builtin"}
     assert all(e["status"] == "ok" and e["median_us"] > 0 for e in res["methods"].values())
+    saved = {e["method"]: e["saved_bytes_per_layer"] for e in res["methods"].values()}
+    x_bytes, S_bytes = 4 * 64 * 4, 64 * 64 * 4  # float32 x (4 tokens x 64) and S (r*n = 64 x 64)
+    assert saved["ours"] == saved["bare"] == x_bytes < saved["lora"]
+    assert saved["builtin"] == x_bytes + S_bytes
 
 
 def test_flops_on_meta_count_what_a_real_step_computes(monkeypatch):
