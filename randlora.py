@@ -1466,7 +1466,7 @@ def _load(model: nn.Module, source: str, shared: RandLoraConfig, layers: Mapping
             raise type(e)(f"{source}: {e}") from None
     _check_state(layers, against, tensors, source)
     if any(m.merged for m in adapters.values()):
-        raise RuntimeError("unmerge(model) before loading new adapter values into a merged model")
+        raise RuntimeError(f"{source}: unmerge(model) before loading new adapter values into a merged model")
     if not adapters:
         _build(model, targets, list(against.items()), bases)
     adapters = dict(named_adapters(model))
@@ -1608,8 +1608,24 @@ def _open_safetensors(path: str):
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             yield f
-    except safetensors.SafetensorError as e:
+    except (safetensors.SafetensorError, OSError) as e:  # OSError: a file mmap refuses (/proc)
         raise ValueError(f"{path} is not a readable safetensors file: {_short(str(e), 200)}") from None
+
+
+def _path(path: str | os.PathLike) -> str:
+    """``path`` as a non-empty str: an empty one would name the working folder, bytes no file safetensors opens."""
+    p = os.fspath(path)
+    if not isinstance(p, str) or not p:
+        raise ValueError(f"path must be a non-empty str or os.PathLike of str, got {_short(path)}")
+    return p
+
+
+def _drop(folder: str) -> None:
+    """Remove a replaced folder's backup, write-protected or not; one that cannot be removed stays, harmless."""
+    if not os.path.islink(folder):
+        with contextlib.suppress(OSError):
+            os.chmod(folder, stat.S_IRWXU)  # its files cannot be unlinked from a write-protected folder
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _backup_path(target: str) -> str:
@@ -1632,11 +1648,11 @@ def _fsync(path: str) -> None:
 def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False) -> None:
     """``write(new)`` beside ``path`` (file or folder), fsync, rename (README: What a saved adapter guarantees)."""
     parent, name = os.path.split(path)
-    for e in os.scandir(parent or "."):  # a killed save's temporary folder (safetensors' own temporary file inside)
-        if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
     try:
+        for e in os.scandir(parent or "."):  # a killed save's temporary folder (safetensors' own temporary file inside)
+            if e.name.startswith(f".{name}.randlora-") and e.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
         os.mkdir(tmp := os.path.join(parent, f".{name}.randlora-{secrets.token_hex(4)}.tmp"))
     except OSError as e:  # name the target, not the temporary folder
         raise type(e)(e.errno, f"cannot write {path}: {e.strerror} in its folder", parent or ".") from None
@@ -1655,7 +1671,7 @@ def _atomic_write(path: str, write: Callable[[str], None], folder: bool = False)
             except BaseException:
                 os.rename(_backup_path(path), path)
                 raise
-            shutil.rmtree(_backup_path(path))
+            _drop(_backup_path(path))  # the new folder is in place: a failure to clean up is not the save's
         else:
             os.replace(new, path)
     finally:
@@ -1693,7 +1709,7 @@ def _file_tensors(layers: Mapping[str, RandLoraAdapter],
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter to one small safetensors file, atomically, with a checksum (README: What a saved adapter
     guarantees). Under torch.distributed every rank calls it (FSDP2 shards are gathered) and rank 0 writes."""
-    _save_adapter(model, os.fspath(path), _is_writer())
+    _save_adapter(model, _path(path), _is_writer())
 
 
 def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
@@ -1719,7 +1735,7 @@ def _save_adapter(model: nn.Module, path: str, writer: bool) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a :func:`save_adapter` file into ``model``: a plain model gets the recorded layers, an adapted one the
     values (hot swap). Anything that does not fit or was changed is refused (``ValueError``), the model unchanged."""
-    path = os.fspath(path)
+    path = _path(path)
     with _open_safetensors(path) as f:
         version = (meta := f.metadata() or {}).get("format_version")
         if meta.get("format") != FORMAT_NAME:  # before reading what may be a large other file
@@ -1876,7 +1892,7 @@ def _peft_regenerate(kind: str, rank: int, key: int, D: int, d: int,
 
 def _peft_folder(path: str | os.PathLike) -> tuple[str, str]:
     """The PEFT folder at ``path`` and its adapter_config.json, refused naming a backup, several adapters or pickles."""
-    folder = os.fspath(path)
+    folder = _path(path)
     if _stat(folder, stat.S_ISDIR, "from_peft expects the folder written by PEFT's save_pretrained") is None:
         backup = _backup_path(os.path.realpath(folder))
         hint = (f"; an interrupted save left the previous one at {backup} (rename it back)" if os.path.isdir(backup)
@@ -2044,11 +2060,11 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
                 saved: Mapping, **config) -> None:
     """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
     items = [*items, *((_PEFT + k, t) for k, t in _file_tensors({}, saved))]  # and the modules to save, in full
-    target = os.path.realpath(path := os.fspath(path))
+    target = os.path.realpath(_path(path))  # checked where written: realpath("a/../b") is b, a or not
     # a crash in an earlier save's window, or while it removed it
     if os.path.isdir(_backup_path(target)) and _is_writer():
-        shutil.rmtree(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
-    st = _stat(path, stat.S_ISDIR, "an adapter folder is written there")
+        _drop(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
+    st = _stat(target, stat.S_ISDIR, "an adapter folder is written there")
     if st and (subs := sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False))):
         raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); "
                          "the adapter folder is replaced as a whole and they would be lost")

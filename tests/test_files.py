@@ -350,13 +350,15 @@ def test_load_adapter_state_dict_refuses(case):
     refused(model, randlora.load_adapter_state_dict, model, state)
 
 
-def test_load_adapter_state_dict_plain_model_and_merged():
+def test_load_adapter_state_dict_plain_model_and_merged(tmp_path):
     plain = fresh_tiny()
     refused(plain, randlora.load_adapter_state_dict, plain, {}, match="no RandLoRA layers")
     model = adapted()
     state = randlora.adapter_state_dict(adapted(seed=0))
     randlora.merge(model)
-    refused(model, randlora.load_adapter_state_dict, model, state, exc=RuntimeError, match="unmerge")
+    refused(model, randlora.load_adapter_state_dict, model, state, exc=RuntimeError, match="^adapter state: unmerge")
+    randlora.save_adapter(adapted(seed=0), path := tmp_path / "a.safetensors")
+    refused(model, randlora.load_adapter, model, path, exc=RuntimeError, match=f"^{re.escape(str(path))}: unmerge")
 
 
 @pytest.mark.parametrize("state", [None, [], ["head.lam"], "head.lam", 3, ("head.lam", torch.zeros(2, 3))])
@@ -1063,6 +1065,13 @@ def test_load_refuses_non_regular_files(tmp_path, kind):
         assert_fs_unchanged(tmp_path, fs_before)
 
 
+def test_load_a_regular_file_safetensors_cannot_map_names_it():
+    """/proc files are regular but cannot be memory-mapped: a ValueError naming the file, not a bare OSError."""
+    model = adapted()
+    e = refused(model, randlora.load_adapter, model, "/proc/self/status", match="^/proc/self/status is not a readable")
+    assert len(str(e)) < BOUND
+
+
 def test_fifo_behind_a_symlink_is_refused(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -1213,6 +1222,29 @@ def test_save_refuses_non_regular_targets(tmp_path):
     refused(model, randlora.save_adapter, model, "/dev/null", match="/dev/null is a character device, not a regular file")
     assert os.stat("/dev/null").st_rdev == before.st_rdev and stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert sorted(os.listdir(tmp_path)) == ["d", "link_to_dir", "p"] and os.listdir(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize("path", ["", b"adapter.safetensors"])
+def test_empty_or_bytes_paths_are_refused(tmp_path, monkeypatch, path):
+    """An empty path would name the working folder and bytes are no path safetensors opens: every reader and writer
+    refuses them, naming the value, before anything changes."""
+    model = adapted()
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    (tmp_path / "work" / "notes.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path / "work")
+    for fn in (randlora.save_adapter, randlora.load_adapter, randlora.from_peft, randlora.to_peft,
+               lambda m, p: randlora.to_lora(m, p, 2)):
+        e = refused(model, fn, model, path, match="path must be a non-empty str", fs_root=tmp_path)
+        assert repr(path) in str(e), str(e)
+
+
+@pytest.mark.parametrize("where", ["missing/x.safetensors", "missing/../missing2/x.safetensors"])
+def test_save_into_a_missing_folder_names_the_path(tmp_path, monkeypatch, where):
+    """A target whose folder does not exist: the error names the user's path, nothing is created."""
+    model = adapted()
+    monkeypatch.chdir(tmp_path)
+    e = refused(model, randlora.save_adapter, model, where, exc=FileNotFoundError, fs_root=tmp_path)
+    assert f"cannot write {where}" in str(e) and ".randlora-" not in str(e), str(e)
 
 
 def test_permission_errors_name_the_file(tmp_path, good, monkeypatch):

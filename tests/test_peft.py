@@ -1000,6 +1000,44 @@ def test_to_peft_refusals_leave_files_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file", "peft"]
 
 
+def test_to_peft_checks_the_folder_it_replaces(tmp_path, monkeypatch):
+    """The folder checked is the one replaced: "missing/../keep" is written as keep (os.path.realpath), so keep's
+    subfolders refuse it and keep's other files are kept, as for "keep" itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep" / "sub").mkdir(parents=True)
+    (tmp_path / "keep" / "sub" / "data.bin").write_bytes(b"precious")
+    before = fs_snapshot(tmp_path)
+    for write in (lambda p: randlora.to_peft(_peft_model(1), p), lambda p: randlora.to_lora(_peft_model(1), p, 2)):
+        with pytest.raises(ValueError, match="has subfolders \\('sub'\\)"):
+            write("missing/../keep")
+    assert fs_snapshot(tmp_path) == before
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text("model card")
+    randlora.to_peft(_peft_model(2), "missing/../card")
+    assert sorted(os.listdir(tmp_path / "card")) == ["README.md", PEFT_C, PEFT_W]
+    assert _peft_version(tmp_path / "card") == 2 and sorted(os.listdir(tmp_path)) == ["card", "keep"]
+
+
+def test_to_peft_survives_a_backup_it_cannot_remove(tmp_path, monkeypatch):
+    """Once the new folder is in place the save has succeeded: removing the old folder's backup may fail (a
+    write-protected folder, a file held open on NFS) without failing the call, and the next save removes it."""
+    folder = tmp_path / "peft"
+    randlora.to_peft(_peft_model(1), folder)
+    real_unlink = os.unlink
+
+    def unlink(p, *a, dir_fd=None, **kw):  # shutil.rmtree unlinks relative to an open folder
+        if dir_fd is not None:
+            raise PermissionError(13, "Permission denied", p)
+        return real_unlink(p, *a, dir_fd=dir_fd, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    randlora.to_peft(_peft_model(2), folder)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert _peft_version(folder) == 2 and sorted(os.listdir(tmp_path)) == [".peft.randlora-old", "peft"]
+    randlora.to_peft(_peft_model(3), folder)
+    assert _peft_version(folder) == 3 and sorted(os.listdir(tmp_path)) == ["peft"]
+
+
 def test_to_peft_through_a_symlinked_folder(tmp_path):
     (tmp_path / "store").mkdir()
     randlora.to_peft(_peft_model(1), tmp_path / "store" / "peft")
