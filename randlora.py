@@ -402,7 +402,7 @@ class RandLoraFunction(torch.autograd.Function):
         p, dtype = call.plan, x.dtype
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
         if call.build:
-            Wp = call.memo.get(call.key) if call.memo is not None else None
+            Wp = call.memo.get(call.key) if call.memo is not None and call.memo.hold else None
             if Wp is None:
                 owned = call.unpack is not None
                 Wp = _adapted_weight(call.unpack() if owned else W, _small_basis(lam, gam, A_, dtype), Bf_, p.scaling,
@@ -548,6 +548,7 @@ class RandLoraAdapter(nn.Module):
         self.lam = nn.Parameter(torch.empty(config.rank, self.n, device=device, dtype=torch.float32))
         self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device, dtype=torch.float32))
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(RandLoraAdapter._after_load)
 
     def __getstate__(self) -> dict:
         """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
@@ -594,22 +595,27 @@ class RandLoraAdapter(nn.Module):
                 self.dropout = nn.Dropout(config.dropout).train(self.training) if config.dropout > 0 else nn.Identity()
             self._replan()
 
-    def _replan(self) -> None:
+    def _replan(self, dtype: torch.dtype | None = None) -> None:
         """Decide once what every call reads: the plan, and this layer's views of the bases for its weight's dtype."""
         c, device, shape = self.config, self.lam.device, (self.out_features, self.in_features, self.rank * self.n)
         self._plan = _Plan(c.scaling, self.out_features >= self.in_features, self._bases.scale(self.d),
                            _build_from(*shape, c.strategy), c.strategy == "auto", shape,
                            torch.amp.is_autocast_available(device.type), device.type)
         self._views, self._memo.entry = _Views(), None
-        self._bases_in(_update_dtype(self._compute_dtype()))
+        self._bases_in(_update_dtype(dtype or self._compute_dtype()))
 
     def _bases_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``A`` ``(r, d)`` and ``Bf`` ``(D, n*r)`` for compute ``dtype`` (int8 for sparse kinds)."""
         key = dtype if self._plan.scale is None else torch.int8
         v = self._views.get(key)
         if v is None:
-            if torch.compiler.is_compiling():  # no side effects while tracing: the same values, cast
-                return tuple(_as(t, key) for t in next(iter(self._views.values())))
+            if torch.compiler.is_compiling():  # no side effects while tracing: float32 values cast as eager casts them
+                exact = [v for k, v in self._views.items() if k in (torch.float32, torch.float64)]
+                if not exact:
+                    raise RuntimeError(f"layer {_short(self.name)}: traced with {key} bases, planned for "
+                                       f"{_short_list(list(self._views))}: its weight's dtype changed without .to() "
+                                       "or autocast asks for another; run one forward eagerly first")
+                return tuple(_as(t, key) for t in exact[0])
             v = self._views[key] = self._bases.get(self.D, self.d, self.lam.device, key)
             for t in v if v[0].is_cuda else ():  # CUDA graphs (mode="reduce-overhead") read them in place, never copy
                 torch._dynamo.mark_static_address(t)
@@ -631,8 +637,22 @@ class RandLoraAdapter(nn.Module):
         if before[0][0].is_meta and not self.lam.is_meta:
             self.reset_parameters()  # built on meta, then to_empty(): no values to keep, start from ΔW = 0
         if "_plan" in self.__dict__:
-            self._replan()
+            self._replan(self._converted_dtype(fn))
         return self
+
+    def _converted_dtype(self, fn) -> torch.dtype:
+        """The weight's dtype after conversion ``fn`` (``_apply`` converts a layer's children first: its base)."""
+        return self._compute_dtype()
+
+    @staticmethod
+    def _after_load(module: RandLoraAdapter, incompatible_keys) -> None:
+        """After a load (``assign=True`` may bring weights of another device or dtype): the plan for what is held."""
+        if "_plan" not in module.__dict__:
+            return
+        if module.lam.device.type != module._plan.device_type:
+            module._replan()
+        else:
+            module._bases_in(_update_dtype(module._compute_dtype()))
 
     def _refuse_training_merged(self) -> None:
         """Refuse a training forward while merged: lam/gam would get no gradient."""
@@ -718,10 +738,10 @@ class RandLoraAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
-        if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
-            self._replan()
-        # what was loaded decides: its merge state, or none beside a base weight (an unmerged one; see _state_hook)
-        if key in state_dict or (isinstance(self, RandLoraLinear) and prefix + "base.weight" in state_dict):
+        # a merge state describes the weight loaded with it (none: an unmerged one), never the weight held here
+        brings_weight = (prefix + "base.weight" in state_dict if isinstance(self, RandLoraLinear)
+                         else self.__dict__.pop("_weight_in_load", False))  # see RandLoraWeight._state_hook
+        if brings_weight:
             params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
@@ -791,6 +811,8 @@ class RandLoraLinear(RandLoraAdapter):
             raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape {tuple(old.shape)}, "
                              f"got {tuple(value.shape)}: resize (resize_token_embeddings, ...) before inject")
         setattr(self.base, name, value)
+        if "_plan" in self.__dict__:  # the views for the new weight's dtype
+            self._bases_in(_update_dtype(self._compute_dtype()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
@@ -816,6 +838,8 @@ class RandLoraLinear(RandLoraAdapter):
         W, b, unpack = (base.weight, base.bias, unpack) if fused else (None, None, None)
         if build and torch.is_grad_enabled() and not torch.compiler.is_compiling():  # eager: W' may wait for backward
             keep = self._memo.hold or torch._C._current_graph_task_id() != -1  # hold_weights, or a checkpoint recompute
+            if not keep:  # a recompute's W' whose backward never ran (an unused output) is stale by now
+                self._memo.entry = None
             call = _Call(p, build, self._memo, _WeightMemo.key(W, self.lam, self.gam, adt), keep, unpack)
         else:
             call = _Call(p, build, unpack=unpack)
@@ -886,11 +910,14 @@ class RandLoraWeight(RandLoraAdapter):
         owner._parameters.clear()  # back in their order from before; names added since come after
         owner._parameters.update({k: params[k] for k in self._param_order if k in params} | params)
 
+    def _converted_dtype(self, fn) -> torch.dtype:
+        """The dtype ``fn`` gives the owner's ``original``, which it converts after this child."""
+        return fn(self._stored_weight()[:0]).dtype
+
     @staticmethod
     def _state_hook(plist: nn.Module, state_dict, prefix: str, *args) -> None:
-        """A state dict bringing the parametrized weight's ``original`` without a merge state brings an unmerged one."""
-        if prefix + "original" in state_dict and prefix + "0._extra_state" not in state_dict:
-            plist[0]._merged_params, plist[0].merged = None, False
+        """Tell the adapter whether a load brings the weight its merge state describes (its keys are the owner's)."""
+        plist[0]._weight_in_load = prefix + "original" in state_dict
 
 
 class SavedModule(nn.Module):
@@ -1251,26 +1278,33 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
     mark_only_adapter_as_trainable(model)
 
 
-def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
-    """Refuse, before any change, to merge into a weight that is not a plain tensor or that another module shares."""
+def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[str, torch.Tensor]]]:
+    """``(name, parameter)`` of each parameter on an adapter's weight: one Parameter under one or more names, or
+    several on one storage (a tie made through ``.data``)."""
 
-    def where(p: torch.Tensor) -> object:  # one weight: one Parameter, or two on one storage (a tie made through .data)
+    def where(p: torch.Tensor) -> object:
         with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
             if p.device.type != "meta" and p.untyped_storage().data_ptr():
                 return p.untyped_storage().data_ptr(), p.storage_offset()
         return id(p)
 
-    owners: dict[object, list[str]] = {}
+    owners: dict[object, list[tuple[str, torch.Tensor]]] = {}
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False):
-            owners.setdefault(where(p), []).append(pname)
+            owners.setdefault(where(p), []).append((pname, p))
+    return lambda m: owners.get(where(m.base.weight if isinstance(m, RandLoraLinear)
+                                      else m._slot[0].parametrizations[m._slot[1]].original), [])
+
+
+def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
+    """Refuse, before any change, to merge into a weight that is not a plain tensor or that another module shares."""
+    sharers = _weight_sharers(model)
     for m in layers:
         if not m.mergeable or (isinstance(m, RandLoraLinear) and _own_call(m.base)):
             raise TypeError(f"cannot {verb}: layer {_short(m.name)} wraps a {type(m.base).__name__}, " + _UNMERGEABLE)
-        p = m.base.weight if isinstance(m, RandLoraLinear) else m._slot[0].parametrizations[m._slot[1]].original
-        if len(owners.get(where(p), [])) > 1:
+        if len(names := [n for n, _ in sharers(m)]) > 1:
             raise ValueError(f"cannot {verb}: layer {_short(m.name)} would add its update into a weight that is shared "
-                             f"(tied): {' is also '.join(map(repr, owners[where(p)]))}. Merging would change the other "
+                             f"(tied): {' is also '.join(map(repr, names))}. Merging would change the other "
                              "module's computation; keep the adapter unmerged (it computes correctly beside the shared "
                              "weight) or untie the weight first")
 
@@ -1348,13 +1382,14 @@ def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[
     """Context manager (opt-in speed for memory): each layer builds ``W'`` once and reuses it until lam, gam or W change
     (in model order, each layer whose ``W'`` in its weight's dtype still fits ``budget_bytes``;
     docs/MATH.md#cost-model). A change is seen by the tensors' version counters, which writes through ``.data`` bypass:
-    edit under no_grad."""
+    edit under no_grad. A weight tied through ``.data`` (two Parameters, one storage) is never held."""
     if budget_bytes is not None and not (type(budget_bytes) is int and budget_bytes >= 0):
         raise ValueError(f"budget_bytes must be a non-negative int (bytes) or None, got {_short(budget_bytes)}")
-    layers, used = [m for _, m in named_adapters(model)], 0
+    layers, used, sharers = [m for _, m in named_adapters(model)], 0, _weight_sharers(model)
     for m in layers:
         size = m.out_features * m.in_features * _update_dtype(m._compute_dtype()).itemsize
-        if budget_bytes is None or used + size <= budget_bytes:
+        # a write through the other Parameter leaves this one's version counter, and so the held W''s key, as it was
+        if len({id(p) for _, p in sharers(m)}) <= 1 and (budget_bytes is None or used + size <= budget_bytes):
             m._memo.hold, used = True, used + size
     hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])
     try:

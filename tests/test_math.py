@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import randlora
-from conftest import assert_close, nonzero_uniform, randomize_, record_saved, ref_delta
+from conftest import assert_close, nonzero_uniform, randomize_, record_saved, ref_delta, ref_layer_delta
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -680,6 +680,25 @@ def test_checkpoint_recompute_reuses_W_and_gives_the_same_gradients(strategy, mo
     assert _kept(model) == [False, False]  # handed over once, then dropped
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_a_recompute_whose_backward_never_runs_leaves_nothing_stale(use_reentrant):
+    """A checkpointed segment with an unused output recomputes a layer whose backward then never runs. Its W' must
+    not outlive that backward pass: a later forward and backward, after lam changed by any means (here through
+    .data, which no version counter sees), compute from the new lam, against the float64 reference."""
+    model = _mlp()
+    x, h = torch.randn(32, 24, requires_grad=True), torch.randn(32, 40, requires_grad=True)
+    y0, _ = torch.utils.checkpoint.checkpoint(lambda x, h: (model[0](x), model[2](h)), x, h, use_reentrant=use_reentrant)
+    y0.sum().backward()  # model[2]'s output is unused: recomputed, no backward
+    layer = model[2]
+    layer.lam.data.mul_(2.0)
+    y = layer(h)
+    y.backward(dy := torch.randn_like(y))
+    W64 = layer.base.weight.detach().double() + ref_layer_delta(layer)
+    assert_close(y, h.double() @ W64.t() + layer.base.bias.double(), 1e-5, what="output")
+    assert_close(h.grad, dy.double() @ W64, 1e-5, what="dX")
+    assert _kept(model) == [False, False]
+
+
 def test_nothing_kept_without_checkpointing_or_hold():
     model = _mlp()
     x = torch.randn(60, 24)
@@ -800,6 +819,31 @@ def test_hold_weights_sees_optimizer_steps_that_bump_no_version(make_opt):
             assert not all(torch.equal(a, b) for a, b in zip(before, trainable(held)))
         assert torch.equal(held(xs[0]), ref(xs[0]))
     assert len(set(losses)) == len(losses), losses  # training moved the loss every step
+
+
+@pytest.mark.parametrize("tie", ["one Parameter", "two Parameters on one storage"])
+def test_hold_weights_sees_a_write_through_the_other_side_of_a_tie(tie):
+    """An output layer tied to an embedding, as one Parameter or as two on one storage (a tie made through .data):
+    inside hold_weights, an in-place edit of the embedding under no_grad (as hold_weights asks) is seen by the
+    adapted head, against the float64 reference."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+    if tie == "one Parameter":
+        head.weight = emb.weight
+    else:
+        head.weight.data = emb.weight.data
+    model = nn.ModuleDict(dict(emb=emb, head=head))
+    randlora.inject(model, ["head"], rank=4, strategy="build")
+    randomize_(model.head, 3)
+    x = torch.randn(6, 8)
+    with randlora.hold_weights(model):
+        model.head(x)  # builds (and, for one Parameter, holds) W'
+        with torch.no_grad():
+            model.emb.weight.mul_(2.0)
+        y = model.head(x)
+    W64 = model.head.base.weight.detach().double() + ref_layer_delta(model.head)
+    assert torch.equal(model.head.base.weight, model.emb.weight)
+    assert_close(y, x.double() @ W64.t(), 1e-5, what="head output after the edit")
 
 
 def test_hold_weights_data_write_outside_a_step_is_seen_after_reentering():

@@ -53,6 +53,7 @@ from conftest import (  # noqa: E402
     arch_run,
     assert_close,
     bnb_linear,
+    reference_copy,
     rel_err,
     save_load_identical,
     tiny_llama,
@@ -563,6 +564,43 @@ def test_compile_fullgraph_4bit_base():
             for name in ge:
                 assert_close(gc[name], ge[name], 1e-5, what=f"{strategy} {name}")
         assert cnt.frame_count == 1, strategy
+
+
+@pytest.mark.parametrize("change", ["mha .bfloat16().float()", "load_state_dict(assign=True)", "weight assigned",
+                                    ".data swapped"])
+def test_compile_after_the_weight_dtype_changes_computes_in_the_new_dtype(change):
+    """A weight made float32 after inject in bfloat16, by any route: a compiled forward computes with the bases as
+    eager does in float32 (never bfloat16 ones cast up), within float32 rounding of the float64 reference. A change
+    no conversion reports (.data swapped) refuses a fullgraph trace with a message saying what to do, and a default
+    compile computes it exactly."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mha = change.startswith("mha")
+    base = nn.Sequential(nn.MultiheadAttention(32, 4, batch_first=True) if mha else nn.Linear(16, 32).bfloat16())
+    before = copy.deepcopy(base).bfloat16().float()  # the weights the model ends with
+    model = randlora.inject(copy.deepcopy(base), ["0"], rank=4)
+    arch_randomize(model, 1)
+    if mha:
+        model.bfloat16().float()
+    elif change == "load_state_dict(assign=True)":
+        model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    else:
+        for name in ("weight", "bias"):
+            w = getattr(model[0].base, name).detach().float()
+            if change == "weight assigned":
+                setattr(model[0], name, nn.Parameter(w, requires_grad=False))
+            else:
+                getattr(model[0].base, name).data = w
+    x = torch.randn(2, 5, 32) if mha else torch.randn(40, 16)
+    run = (lambda m, x: m[0](x, x, x, need_weights=False)[0]) if mha else (lambda m, x: m(x))
+    want = run(reference_copy(before, model), x.double())
+    with torch.no_grad():
+        if change == ".data swapped":
+            with pytest.raises(Exception, match="planned for torch.bfloat16.*run one forward eagerly first"):
+                torch.compile(lambda x: run(model, x), backend="aot_eager", fullgraph=True)(x)
+            torch._dynamo.reset()
+        y = torch.compile(lambda x: run(model, x), backend="aot_eager", fullgraph=change != ".data swapped")(x)
+    assert_close(y, want, 1e-5, what="compiled")
 
 
 def test_compiled_model_hot_swaps_adapters(tmp_path):

@@ -805,6 +805,41 @@ def test_mha_state_dict_carries_merge_state():
         assert_close(unmerged(*inp), want, 1e-6, what="merged state into an unmerged model")
 
 
+@pytest.mark.parametrize("kind", ["linear", "mha"])
+def test_a_merge_state_loaded_without_its_weight_never_marks_a_layer_merged(kind):
+    """A merge state describes the weight saved with it. A merged model's adapter entries alone (lam, gam, merge
+    state; strict=False) carry no weight: into an unmerged model they are new values, and it stays unmerged; into a
+    merged one the held weight is re-merged with them. Either way the model computes base + s ΔW(loaded), against the
+    float64 reference, and unmerge gives the base back."""
+    def build(values):
+        torch.manual_seed(0)
+        model = MhaHolder(kdim=12, vdim=10).eval() if kind == "mha" else fresh_tiny().eval()
+        before = copy.deepcopy(model)
+        randlora.inject(model, ["attn"] if kind == "mha" else TARGETS, 4, alpha=8.0)
+        for i, (_, ad) in enumerate(randlora.named_adapters(model)):
+            randomize_(ad, values + i)
+        return model, before
+
+    inp = mha_inputs(True, 12, 10) if kind == "mha" else (xs(),)
+    src, before = build(values=1)
+    randlora.merge(src)
+    entries = {k: v for k, v in src.state_dict().items() if k.endswith(("lam", "gam", "_extra_state"))}
+    assert any(k.endswith("_extra_state") for k in entries) and not any(k.endswith(("weight", "original")) for k in entries)
+    for merged_before in (False, True):
+        model, _ = build(values=7)
+        if merged_before:
+            randlora.merge(model)
+        model.load_state_dict(entries, strict=False)
+        assert [ad.merged for _, ad in adapters(model)] == [merged_before] * len(adapters(model))
+        with torch.no_grad():
+            want = reference_copy(before, model)(*(t.double() for t in inp))
+            assert_close(model(*inp), want, 2e-5, what=f"merged before: {merged_before}")
+            randlora.unmerge(model)
+            assert_close(model(*inp), want, 2e-5, what="unmerged")
+            with randlora.disable(model):
+                assert_close(model(*inp), before(*inp), 2e-5, what="the base model")
+
+
 # =============================================================================
 # Copies of a model are independent (issue 19.5, "another model changed")
 
