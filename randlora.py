@@ -610,7 +610,7 @@ class RandLoraAdapter(nn.Module):
         v = self._views.get(key)
         if v is None:
             if torch.compiler.is_compiling():  # no side effects while tracing: float32 values cast as eager casts them
-                exact = [v for k, v in self._views.items() if k in (torch.float32, torch.float64)]
+                exact = [t for k, t in self._views.items() if k in (torch.float32, torch.float64)]
                 if not exact:
                     raise RuntimeError(f"layer {_short(self.name)}: traced with {key} bases, planned for "
                                        f"{_short_list(list(self._views))}: its weight's dtype changed without .to() "
@@ -646,12 +646,8 @@ class RandLoraAdapter(nn.Module):
 
     @staticmethod
     def _after_load(module: RandLoraAdapter, incompatible_keys) -> None:
-        """After a load (``assign=True`` may bring weights of another device or dtype): the plan for what is held."""
-        if "_plan" not in module.__dict__:
-            return
-        if module.lam.device.type != module._plan.device_type:
-            module._replan()
-        else:
+        """After a load, the base's included: views for the dtype of the weight it brought (``assign=True``)."""
+        if "_plan" in module.__dict__:
             module._bases_in(_update_dtype(module._compute_dtype()))
 
     def _refuse_training_merged(self) -> None:
@@ -733,14 +729,16 @@ class RandLoraAdapter(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         key, self._memo.entry = prefix + "_extra_state", None
+        # a merge state describes the weight loaded with it (none: an unmerged one), never the weight held here
+        brings_weight = (prefix + "base.weight" in state_dict if isinstance(self, RandLoraLinear)
+                         else self.__dict__.pop("_weight_in_load", False))  # see RandLoraWeight._state_hook
         if key in state_dict:
             self._parse_merge_state(state_dict[key])  # refused before this layer changes
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
-        # a merge state describes the weight loaded with it (none: an unmerged one), never the weight held here
-        brings_weight = (prefix + "base.weight" in state_dict if isinstance(self, RandLoraLinear)
-                         else self.__dict__.pop("_weight_in_load", False))  # see RandLoraWeight._state_hook
+        if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
+            self._replan()
         if brings_weight:
             params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
@@ -911,8 +909,11 @@ class RandLoraWeight(RandLoraAdapter):
         owner._parameters.update({k: params[k] for k in self._param_order if k in params} | params)
 
     def _converted_dtype(self, fn) -> torch.dtype:
-        """The dtype ``fn`` gives the owner's ``original``, which it converts after this child."""
-        return fn(self._stored_weight()[:0]).dtype
+        """The dtype ``fn`` gives the owner's ``original``, which it converts after this child (tried on an empty
+        slice; a function that takes only the module's own tensors leaves the dtype as it is)."""
+        with contextlib.suppress(Exception):
+            return fn(self._stored_weight()[:0]).dtype
+        return self._compute_dtype()
 
     @staticmethod
     def _state_hook(plist: nn.Module, state_dict, prefix: str, *args) -> None:
@@ -1292,8 +1293,14 @@ def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False):
             owners.setdefault(where(p), []).append((pname, p))
-    return lambda m: owners.get(where(m.base.weight if isinstance(m, RandLoraLinear)
-                                      else m._slot[0].parametrizations[m._slot[1]].original), [])
+
+    def sharers(m: RandLoraAdapter) -> list[tuple[str, torch.Tensor]]:
+        """The parameters on ``m``'s weight (none for a base without one)."""
+        if isinstance(m, RandLoraWeight):
+            return owners.get(where(m._slot[0].parametrizations[m._slot[1]].original), [])
+        return owners.get(where(m.base.weight), []) if isinstance(getattr(m.base, "weight", None), torch.Tensor) else []
+
+    return sharers
 
 
 def _check_mergeable(model: nn.Module, layers: list[RandLoraAdapter], verb: str) -> None:
@@ -1389,6 +1396,7 @@ def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[
     for m in layers:
         size = m.out_features * m.in_features * _update_dtype(m._compute_dtype()).itemsize
         # a write through the other Parameter leaves this one's version counter, and so the held W''s key, as it was
+        m._memo.entry = None  # a checkpoint recompute's W' whose backward never ran
         if len({id(p) for _, p in sharers(m)}) <= 1 and (budget_bytes is None or used + size <= budget_bytes):
             m._memo.hold, used = True, used + size
     hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])
@@ -1617,19 +1625,22 @@ def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str,
     os.chmod(filename, stat.S_IMODE(mode))
 
 
-def _stat(path: str, expect: Callable[[int], bool], what: str) -> os.stat_result | None:
-    """``os.stat(path)``, None when missing; a symlink loop or a kind ``expect`` refuses is an error naming the path."""
+def _stat(path: str, expect: Callable[[int], bool], what: str, shown: str = "") -> os.stat_result | None:
+    """``os.stat(path)``, None when missing; a symlink loop or a kind ``expect`` refuses is an error naming the path
+    (or ``shown``, the user's spelling of it)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ValueError(f"{path}: symlink loop (too many levels of symbolic links)") if e.errno == 40 else e from None
+        loop = ValueError(f"{shown or path}: symlink loop (too many levels of symbolic links)")
+        raise loop if e.errno == 40 else e from None
     if not expect(st.st_mode):
         kinds = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO (named pipe)",
                  stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
         kind = kinds.get(stat.S_IFMT(st.st_mode), "a special file")
-        raise ValueError(f"{path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; {what}")
+        raise ValueError(f"{shown or path} is {kind}, not a {'regular file' if expect is stat.S_ISREG else 'folder'}; "
+                         f"{what}")
     return st
 
 
@@ -2096,10 +2107,12 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
     """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
     items = [*items, *((_PEFT + k, t) for k, t in _file_tensors({}, saved))]  # and the modules to save, in full
     target = os.path.realpath(_path(path))  # checked where written: realpath("a/../b") is b, a or not
-    # a crash in an earlier save's window, or while it removed it
-    if os.path.isdir(_backup_path(target)) and _is_writer():
-        _drop(_backup_path(target)) if os.path.lexists(target) else os.rename(_backup_path(target), target)
-    st = _stat(target, stat.S_ISDIR, "an adapter folder is written there")
+    backup = _backup_path(target)
+    if os.path.isdir(backup) and _is_writer():  # a crash in an earlier save's window, or a backup it could not remove
+        _drop(backup) if os.path.lexists(target) else os.rename(backup, target)
+        if os.path.lexists(backup):
+            raise ValueError(f"{backup}, an earlier save's copy of {path}, cannot be removed; remove it by hand")
+    st = _stat(target, stat.S_ISDIR, "an adapter folder is written there", shown=os.fspath(path))
     if st and (subs := sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False))):
         raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); "
                          "the adapter folder is replaced as a whole and they would be lost")

@@ -9,6 +9,7 @@ the index formulas), with the layer's bases from its public ``random_bases``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -680,19 +681,22 @@ def test_checkpoint_recompute_reuses_W_and_gives_the_same_gradients(strategy, mo
     assert _kept(model) == [False, False]  # handed over once, then dropped
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_a_recompute_whose_backward_never_runs_leaves_nothing_stale(use_reentrant):
-    """A checkpointed segment with an unused output recomputes a layer whose backward then never runs. Its W' must
-    not outlive that backward pass: a later forward and backward, after lam changed by any means (here through
-    .data, which no version counter sees), compute from the new lam, against the float64 reference."""
+@pytest.mark.parametrize("route", ["non-reentrant", "non-reentrant, then hold_weights", "reentrant"])
+def test_a_recompute_whose_backward_never_runs_leaves_nothing_stale(route):
+    """A checkpointed segment with an unused output recomputes a layer whose backward then never runs (non-reentrant;
+    a reentrant recompute keeps nothing, a guard here). Its W' must not outlive that backward pass: a later forward
+    and backward, plain or under hold_weights, after lam changed by any means (here through .data, which no version
+    counter sees), compute from the new lam, against the float64 reference."""
     model = _mlp()
     x, h = torch.randn(32, 24, requires_grad=True), torch.randn(32, 40, requires_grad=True)
-    y0, _ = torch.utils.checkpoint.checkpoint(lambda x, h: (model[0](x), model[2](h)), x, h, use_reentrant=use_reentrant)
+    segment = lambda x, h: (model[0](x), model[2](h))  # noqa: E731
+    y0, _ = torch.utils.checkpoint.checkpoint(segment, x, h, use_reentrant=route == "reentrant")
     y0.sum().backward()  # model[2]'s output is unused: recomputed, no backward
     layer = model[2]
     layer.lam.data.mul_(2.0)
-    y = layer(h)
-    y.backward(dy := torch.randn_like(y))
+    with randlora.hold_weights(model) if route.endswith("hold_weights") else contextlib.nullcontext():
+        y = layer(h)
+        y.backward(dy := torch.randn_like(y))
     W64 = layer.base.weight.detach().double() + ref_layer_delta(layer)
     assert_close(y, h.double() @ W64.t() + layer.base.bias.double(), 1e-5, what="output")
     assert_close(h.grad, dy.double() @ W64, 1e-5, what="dX")
@@ -822,10 +826,11 @@ def test_hold_weights_sees_optimizer_steps_that_bump_no_version(make_opt):
 
 
 @pytest.mark.parametrize("tie", ["one Parameter", "two Parameters on one storage"])
-def test_hold_weights_sees_a_write_through_the_other_side_of_a_tie(tie):
+def test_hold_weights_sees_a_write_through_the_other_side_of_a_tie(tie, monkeypatch):
     """An output layer tied to an embedding, as one Parameter or as two on one storage (a tie made through .data):
     inside hold_weights, an in-place edit of the embedding under no_grad (as hold_weights asks) is seen by the
-    adapted head, against the float64 reference."""
+    adapted head, against the float64 reference. One Parameter's W' is held (built once per value), two Parameters'
+    never (each call builds: the other side's writes leave this side's version counter as it was)."""
     torch.manual_seed(0)
     emb, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
     if tie == "one Parameter":
@@ -836,14 +841,42 @@ def test_hold_weights_sees_a_write_through_the_other_side_of_a_tie(tie):
     randlora.inject(model, ["head"], rank=4, strategy="build")
     randomize_(model.head, 3)
     x = torch.randn(6, 8)
+    builds = _count_builds(monkeypatch)
     with randlora.hold_weights(model):
-        model.head(x)  # builds (and, for one Parameter, holds) W'
+        model.head(x), model.head(x)
         with torch.no_grad():
             model.emb.weight.mul_(2.0)
-        y = model.head(x)
+        y, _ = model.head(x), model.head(x)
+    assert len(builds) == (2 if tie == "one Parameter" else 4)
     W64 = model.head.base.weight.detach().double() + ref_layer_delta(model.head)
     assert torch.equal(model.head.base.weight, model.emb.weight)
     assert_close(y, x.double() @ W64.t(), 1e-5, what="head output after the edit")
+
+
+class _NoWeight(nn.Module):
+    """A linear-like module with its own forward and no ``weight`` attribute."""
+
+    in_features, out_features = 8, 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w.t()
+
+
+def test_hold_weights_takes_a_layer_without_a_weight():
+    """hold_weights on a model whose adapted module has no ``weight`` (adapted beside its own forward): it computes
+    base + s ΔW as outside the context, against the float64 reference."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(_NoWeight()), ["0"], rank=2)
+    randomize_(model[0], 1)
+    x = torch.randn(4, 8)
+    with randlora.hold_weights(model):
+        y = model(x)
+    W64 = model[0].base.w.detach().double() + ref_layer_delta(model[0])
+    assert_close(y, x.double() @ W64.t(), 1e-5)
 
 
 def test_hold_weights_data_write_outside_a_step_is_seen_after_reentering():

@@ -1020,7 +1020,8 @@ def test_to_peft_checks_the_folder_it_replaces(tmp_path, monkeypatch):
 
 def test_to_peft_survives_a_backup_it_cannot_remove(tmp_path, monkeypatch):
     """Once the new folder is in place the save has succeeded: removing the old folder's backup may fail (a
-    write-protected folder, a file held open on NFS) without failing the call, and the next save removes it."""
+    write-protected folder, a file held open on NFS) without failing the call. The next save removes it first; one
+    that still cannot is refused, naming the backup, files untouched."""
     folder = tmp_path / "peft"
     randlora.to_peft(_peft_model(1), folder)
     real_unlink = os.unlink
@@ -1032,8 +1033,12 @@ def test_to_peft_survives_a_backup_it_cannot_remove(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "unlink", unlink)
     randlora.to_peft(_peft_model(2), folder)
-    monkeypatch.setattr(os, "unlink", real_unlink)
     assert _peft_version(folder) == 2 and sorted(os.listdir(tmp_path)) == [".peft.randlora-old", "peft"]
+    before = fs_snapshot(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / '.peft.randlora-old'}, an earlier save's copy")):
+        randlora.to_peft(_peft_model(3), folder)
+    assert fs_snapshot(tmp_path) == before
+    monkeypatch.setattr(os, "unlink", real_unlink)
     randlora.to_peft(_peft_model(3), folder)
     assert _peft_version(folder) == 3 and sorted(os.listdir(tmp_path)) == ["peft"]
 
