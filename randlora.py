@@ -816,6 +816,10 @@ class RandLoraLinear(RandLoraAdapter):
         if self.merged or self.disabled:
             self._refuse_training_merged()
             return self.base(x)
+        if x.is_nested:  # nn.TransformerEncoder's inference path: s ΔW as a weight beside the base's own call
+            adt = _update_dtype(x.dtype)
+            delta = _weight_again(None, self.lam, self.gam, *self._bases_in(adt), self._plan, adt)
+            return self.base(x) + F.linear(x, delta.to(x.dtype))
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected "
                              f"floating (..., in_features={self.in_features})")
@@ -963,9 +967,17 @@ class SavedModule(nn.Module):
 # Targeting and refusals: what a layer is, decided once from its weight and forward, and what cannot be adapted
 
 
+def _stored_weight_of(module: nn.Module) -> object:
+    """``module.weight`` as stored: reading a parametrized one runs its parametrization (spectral_norm takes a step)."""
+    if parametrize.is_parametrized(module, "weight"):  # weight_norm keeps two: original0 (g) and original1 (v)
+        plist = module.parametrizations.weight
+        return plist.original if hasattr(plist, "original") else getattr(plist, "original1", None)
+    return getattr(module, "weight", None)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2, weight stored ``(in, out)``), by duck type: transformers is never imported."""
-    w = getattr(module, "weight", None)
+    w = _stored_weight_of(module)
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
@@ -992,7 +1004,7 @@ def _own_call(module: nn.Module) -> bool:
 def _classify(module: nn.Module) -> tuple[str, str | None]:
     """``(layout, shows)``: "linear"/"conv1d" (plain weight), "4bit" (bnb Linear4bit), "opaque" (own forward); .weight:
     "adapted"/"base"/None."""
-    w, plain_fwd = (getattr(module, "weight", None),
+    w, plain_fwd = (_stored_weight_of(module),
                     isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
     # hooks and parametrizations may compute the weight
     free = not parametrize.is_parametrized(module) and not _own_call(module)
@@ -1083,8 +1095,8 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
         if small := [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]:
             raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]),
                                                              _short(small[0][0]), *small[0][1:]))
-        if (not mha and _plain_weight(getattr(module, "weight", None))
-            and (parametrize.is_parametrized(module) or module._forward_pre_hooks)):
+        if (not mha and _plain_weight(_stored_weight_of(module))
+            and (parametrize.is_parametrized(module, "weight") or module._forward_pre_hooks)):
             raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, "
                              "...): merge could not write W + s·ΔW through it; remove it first "
                              "(torch.nn.utils.parametrize.remove_parametrizations, "
@@ -1280,25 +1292,28 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
 
 
 def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[str, torch.Tensor]]]:
-    """``(name, parameter)`` of each parameter on an adapter's weight: one Parameter under one or more names, or
-    several on one storage (a tie made through ``.data``)."""
+    """``(name, parameter)`` of each parameter on an adapter's weight's bytes: one Parameter under one or more names,
+    or others on the same storage that overlap it (a tie made through ``.data``, or a slice of a larger weight)."""
 
-    def where(p: torch.Tensor) -> object:
+    def span(p: torch.Tensor) -> tuple[object, int, int]:
+        """``(storage, first byte, end byte)`` of ``p``; a meta or storage-less tensor stands alone."""
         with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
-            if p.device.type != "meta" and p.untyped_storage().data_ptr():
-                return p.untyped_storage().data_ptr(), p.storage_offset()
-        return id(p)
+            if p.device.type != "meta" and p.numel() and (ptr := p.untyped_storage().data_ptr()):
+                last = p.storage_offset() + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+                return ptr, p.storage_offset() * p.element_size(), (last + 1) * p.element_size()
+        return id(p), 0, 1
 
-    owners: dict[object, list[tuple[str, torch.Tensor]]] = {}
-    for mname, mod in model.named_modules():
-        for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False):
-            owners.setdefault(where(p), []).append((pname, p))
+    params = [(span(p), pname, p) for mname, mod in model.named_modules()
+              for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False)]
 
     def sharers(m: RandLoraAdapter) -> list[tuple[str, torch.Tensor]]:
-        """The parameters on ``m``'s weight (none for a base without one)."""
-        if isinstance(m, RandLoraWeight):
-            return owners.get(where(m._slot[0].parametrizations[m._slot[1]].original), [])
-        return owners.get(where(m.base.weight), []) if isinstance(getattr(m.base, "weight", None), torch.Tensor) else []
+        """The parameters on ``m``'s weight's bytes (none for a base without a weight)."""
+        w = (m._slot[0].parametrizations[m._slot[1]].original if isinstance(m, RandLoraWeight)
+             else getattr(m.base, "weight", None))
+        if not isinstance(w, torch.Tensor):
+            return []
+        key, lo, hi = span(w)
+        return [(n, p) for (k, a, b), n, p in params if k == key and a < hi and lo < b]
 
     return sharers
 

@@ -52,8 +52,10 @@ from conftest import (
     assert_unchanged,
     distinct_adapters,
     fresh_tiny,
+    randomize_,
     randomize_model_,
     ref_delta,
+    ref_layer_delta,
     rel_err,
     save_load_identical,
     snapshot,
@@ -446,6 +448,25 @@ def test_transformer_encoder_layer_opaque_linear_refused():
     refused(enc, lambda m: randlora.inject(m, ["linear1"], 4), ValueError, r"'layers.0.linear1'.*TransformerEncoderLayer reads linear1.weight")
 
 
+@pytest.mark.parametrize("hooked", ["norm1", "linear1"])
+def test_transformer_encoder_nested_inference_path_with_a_hooked_layer(hooked):
+    """nn.TransformerEncoder turns a padded batch into a nested tensor in inference; a layer with a forward hook (on
+    an untargeted norm, or on a target) leaves the fused path and calls linear1/linear2 with that nested tensor.
+    The adapted layers compute base + s ΔW on it, against the float64 reference on every real token."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    before = copy.deepcopy(enc)
+    randlora.inject(enc, ["linear1", "linear2"], rank=4)
+    arch_randomize(enc, 1)
+    enc.layers[0].get_submodule(hooked).register_forward_hook(lambda m, i, o: None)
+    x, mask = torch.randn(2, 7, 16), torch.tensor([[False] * 5 + [True] * 2, [False] * 7])
+    ref, _ = arch_reference(before, enc)
+    with torch.no_grad():
+        y, want = enc(x, src_key_padding_mask=mask), ref(x.double(), src_key_padding_mask=mask)
+    assert_close(y[~mask], want[~mask], 1e-5)
+
+
 class _Double(nn.Module):
     def forward(self, w):
         return 2 * w
@@ -454,13 +475,13 @@ class _Double(nn.Module):
         return w / 2
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "custom", "old_weight_norm"])
+@pytest.mark.parametrize("kind", ["weight_norm", "custom", "old_weight_norm", "spectral_norm"])
 def test_parametrized_or_hooked_weight_refused_at_inject(kind):
-    """A weight computed by a parametrization (weight_norm, a custom one) or a forward pre-hook (the
+    """A weight computed by a parametrization (weight_norm, a custom one, spectral_norm) or a forward pre-hook (the
     old weight_norm): the layer would compute right, but merge could not write W + s·ΔW through
     it, so inject refuses, naming the layer and the reason (README "Refused at inject"); the
-    model is unchanged. (0.2's test allowed either a correct merge or this refusal; 0.3 documents
-    the refusal.)"""
+    model is unchanged, spectral_norm's power-iteration buffers included (reading its weight in train mode would
+    step them). (0.2's test allowed either a correct merge or this refusal; 0.3 documents the refusal.)"""
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
     for i in (0, 2):
@@ -468,14 +489,31 @@ def test_parametrized_or_hooked_weight_refused_at_inject(kind):
             torch.nn.utils.parametrizations.weight_norm(net[i])
         elif kind == "custom":
             torch.nn.utils.parametrize.register_parametrization(net[i], "weight", _Double())
+        elif kind == "spectral_norm":
+            torch.nn.utils.parametrizations.spectral_norm(net[i])
         else:  # the old hook-based weight_norm: weight recomputed from g, v before every forward
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.nn.utils.weight_norm(net[i])
     assert all(randlora._classify(net[i])[0] == "opaque" for i in (0, 2))
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    outputs = None if kind == "spectral_norm" else (lambda m: m(x))  # a spectral_norm call in train mode steps it
     assert_refused(net, lambda m: randlora.inject(m, ["0", "2"], rank=2), ValueError, r"cannot adapt '0'", "weight_norm",
-                   "parametrization", outputs=lambda m: m(x))  # fmt: skip
+                   "parametrization", outputs=outputs)  # fmt: skip
+
+
+def test_a_parametrized_bias_alone_is_adapted_beside_the_layer():
+    """A parametrization of the bias alone leaves the weight plain: the layer is adapted beside its own call (its
+    bias as parametrized), computing base(x) + s x ΔW^T against the float64 reference; merge is refused."""
+    torch.manual_seed(5)
+    net = nn.ModuleDict(dict(lin=nn.Linear(6, 8)))
+    torch.nn.utils.parametrize.register_parametrization(net.lin, "bias", _Double())
+    W64, b64 = net.lin.weight.detach().double(), 2 * net.lin.parametrizations.bias.original.detach().double()
+    randlora.inject(net, ["lin"], rank=2)
+    randomize_(net.lin, 1)
+    x = torch.randn(4, 6)
+    assert_close(net.lin(x), x.double() @ (W64 + ref_layer_delta(net.lin)).t() + b64, 1e-5)
+    assert_refused(net, randlora.merge, TypeError, "cannot merge: layer 'lin'")
 
 
 # =============================================================================
@@ -587,6 +625,29 @@ def test_two_linears_sharing_a_weight(cls, one, two, targets):
     assert owners[0].weight.data_ptr() == owners[1].weight.data_ptr() and torch.equal(owners[0].weight, W), "the shared weight changed"
     for verb in ("merge", "eject"):
         refused(model, getattr(randlora, verb), ValueError, rf"'{one}(\.base)?\.weight'", rf"'{two}(\.base)?\.weight'", "shared", inp=inp)
+
+
+class SliceShared(nn.Module):
+    """``q``'s weight is a Parameter on rows 8: of ``p``'s (a slice of another weight's storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.q = nn.Linear(8, 16), nn.Linear(8, 8)
+        self.q.weight = nn.Parameter(self.p.weight.data[8:])
+
+    def forward(self, x):
+        return self.p(x)[..., :8] + self.q(x)
+
+
+def test_a_weight_on_a_slice_of_another_is_shared():
+    """Bytes shared at another offset are shared all the same: merge and eject into ``q`` would change ``p``'s
+    computation, so both are refused naming both owners, the model and its outputs unchanged."""
+    torch.manual_seed(0)
+    model = SliceShared()
+    randlora.inject(model, ["q"], 4, alpha=8.0)
+    arch_randomize(model, scale=1.0)
+    for verb in ("merge", "eject"):
+        refused(model, getattr(randlora, verb), ValueError, r"'p\.weight'", r"'q\.base\.weight'", "shared", inp=_x8())
 
 
 # =============================================================================
