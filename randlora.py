@@ -646,8 +646,12 @@ class RandLoraAdapter(nn.Module):
 
     @staticmethod
     def _after_load(module: RandLoraAdapter, incompatible_keys) -> None:
-        """After a load, the base's included: views for the dtype of the weight it brought (``assign=True``)."""
-        if "_plan" in module.__dict__:
+        """After a load, the base's included (``assign=True`` may bring another device or dtype): plan for it."""
+        if "_plan" not in module.__dict__:
+            return
+        if module.lam.device.type != module._plan.device_type:
+            module._replan()  # lam/gam off meta
+        else:
             module._bases_in(_update_dtype(module._compute_dtype()))
 
     def _refuse_training_merged(self) -> None:
@@ -737,8 +741,8 @@ class RandLoraAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
-        if "_plan" in self.__dict__ and self.lam.device.type != self._plan.device_type:  # assign=True: lam/gam off meta
-            self._replan()
+        if RandLoraAdapter._after_load not in self._load_state_dict_post_hooks.values():  # pickled before it existed
+            self.register_load_state_dict_post_hook(RandLoraAdapter._after_load)
         if brings_weight:
             params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
@@ -967,12 +971,12 @@ class SavedModule(nn.Module):
 # Targeting and refusals: what a layer is, decided once from its weight and forward, and what cannot be adapted
 
 
-def _stored_weight_of(module: nn.Module) -> object:
-    """``module.weight`` as stored: reading a parametrized one runs its parametrization (spectral_norm takes a step)."""
-    if parametrize.is_parametrized(module, "weight"):  # weight_norm keeps two: original0 (g) and original1 (v)
-        plist = module.parametrizations.weight
+def _stored_weight_of(module: nn.Module, name: str = "weight") -> object:
+    """``module.<name>`` as stored: reading a parametrized one runs its parametrization (spectral_norm takes a step)."""
+    if parametrize.is_parametrized(module, name):  # weight_norm keeps two: original0 (g) and original1 (v)
+        plist = module.parametrizations[name]
         return plist.original if hasattr(plist, "original") else getattr(plist, "original1", None)
-    return getattr(module, "weight", None)
+    return getattr(module, name, None)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -1050,7 +1054,7 @@ def _target_shapes(module: nn.Module) -> list[tuple[str, int, int]] | None:
     """``(adapter name suffix, in, out)`` of each weight an adapter on ``module`` adapts, or None: no target."""
     if not isinstance(module, nn.MultiheadAttention):
         return [("", *feats)] if (feats := _features(module)) else None
-    shapes = [(f".parametrizations.{p}.0", *getattr(module, p).shape[::-1]) for p in _mha_weights(module)]
+    shapes = [(f".parametrizations.{p}.0", *_stored_weight_of(module, p).shape[::-1]) for p in _mha_weights(module)]
     return shapes + [(".out_proj", module.out_proj.in_features, module.out_proj.out_features)]
 
 
@@ -1095,8 +1099,8 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
         if small := [(name + s, i, o) for s, i, o in shapes if config.rank > min(i, o) and not stored]:
             raise ValueError(refuse + _RANK_TOO_LARGE.format(_short(config.rank), min(small[0][1:]),
                                                              _short(small[0][0]), *small[0][1:]))
-        if (not mha and _plain_weight(_stored_weight_of(module))
-            and (parametrize.is_parametrized(module, "weight") or module._forward_pre_hooks)):
+        if not mha and (parametrize.is_parametrized(module, "weight")
+                        or (module._forward_pre_hooks and _plain_weight(_stored_weight_of(module)))):
             raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, "
                              "...): merge could not write W + s·ΔW through it; remove it first "
                              "(torch.nn.utils.parametrize.remove_parametrizations, "

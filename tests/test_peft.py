@@ -992,6 +992,10 @@ def test_to_peft_refusals_leave_files_alone(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a regular file, not a folder"):
         randlora.to_peft(_peft_model(2), tmp_path / "file")
+    os.symlink("file", tmp_path / "link")  # named as the user spelled it, not as it resolves
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'link'))} is a regular file, not a folder"):
+        randlora.to_peft(_peft_model(2), tmp_path / "link")
+    os.unlink(tmp_path / "link")
     nan = _peft_model(2)
     with torch.no_grad():
         nan.head.gam[0, 0] = float("nan")

@@ -475,7 +475,17 @@ class _Double(nn.Module):
         return w / 2
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "custom", "old_weight_norm", "spectral_norm"])
+class _ScaledRows(nn.Module):
+    """weight = direction * scale[:, None], stored as a 2-D direction and a 1-D scale (two originals)."""
+
+    def forward(self, direction, scale):
+        return direction * scale[:, None]
+
+    def right_inverse(self, w):
+        return w.clone(), torch.ones(w.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "custom", "old_weight_norm", "spectral_norm", "two_originals"])
 def test_parametrized_or_hooked_weight_refused_at_inject(kind):
     """A weight computed by a parametrization (weight_norm, a custom one, spectral_norm) or a forward pre-hook (the
     old weight_norm): the layer would compute right, but merge could not write W + s·ΔW through
@@ -491,6 +501,8 @@ def test_parametrized_or_hooked_weight_refused_at_inject(kind):
             torch.nn.utils.parametrize.register_parametrization(net[i], "weight", _Double())
         elif kind == "spectral_norm":
             torch.nn.utils.parametrizations.spectral_norm(net[i])
+        elif kind == "two_originals":
+            torch.nn.utils.parametrize.register_parametrization(net[i], "weight", _ScaledRows())
         else:  # the old hook-based weight_norm: weight recomputed from g, v before every forward
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -500,6 +512,15 @@ def test_parametrized_or_hooked_weight_refused_at_inject(kind):
     outputs = None if kind == "spectral_norm" else (lambda m: m(x))  # a spectral_norm call in train mode steps it
     assert_refused(net, lambda m: randlora.inject(m, ["0", "2"], rank=2), ValueError, r"cannot adapt '0'", "weight_norm",
                    "parametrization", outputs=outputs)  # fmt: skip
+
+
+def test_a_refused_attention_with_spectral_norm_is_left_as_it_was():
+    """An attention module whose input projection is under spectral_norm is refused, and the refusal reads only the
+    stored weights: the power iteration's buffers do not step (train mode)."""
+    mha = nn.MultiheadAttention(8, 2)
+    torch.nn.utils.parametrizations.spectral_norm(mha, "in_proj_weight")
+    assert_refused(nn.Sequential(mha), lambda m: randlora.inject(m, ["0"], rank=2), ValueError, "cannot adapt '0'",
+                   "parametrized")
 
 
 def test_a_parametrized_bias_alone_is_adapted_beside_the_layer():
