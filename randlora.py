@@ -1414,8 +1414,8 @@ def hold_weights(model: nn.Module, budget_bytes: int | None = None) -> Iterator[
     layers, used, sharers = [m for _, m in named_adapters(model)], 0, _weight_sharers(model)
     for m in layers:
         size = m.out_features * m.in_features * _update_dtype(m._compute_dtype()).itemsize
-        # a write through the other Parameter leaves this one's version counter, and so the held W''s key, as it was
         m._memo.entry = None  # a checkpoint recompute's W' whose backward never ran
+        # a write through another Parameter on these bytes leaves this one's version counter (the held W''s key) as is
         if len({id(p) for _, p in sharers(m)}) <= 1 and (budget_bytes is None or used + size <= budget_bytes):
             m._memo.hold, used = True, used + size
     hook = register_optimizer_step_post_hook(lambda *_: [setattr(m._memo, "entry", None) for m in layers])
