@@ -548,7 +548,7 @@ class RandLoraAdapter(nn.Module):
         self.lam = nn.Parameter(torch.empty(config.rank, self.n, device=device, dtype=torch.float32))
         self.gam = nn.Parameter(torch.empty(self.n, self.d, device=device, dtype=torch.float32))
         self.reset_parameters()
-        self.register_load_state_dict_post_hook(RandLoraAdapter._after_load)
+        self.register_load_state_dict_post_hook(RandLoraAdapter._follow_weight)
 
     def __getstate__(self) -> dict:
         """Refuse a copy or pickle taken inside disable(): only the original's context would enable it again."""
@@ -644,15 +644,15 @@ class RandLoraAdapter(nn.Module):
         """The weight's dtype after conversion ``fn`` (``_apply`` converts a layer's children first: its base)."""
         return self._compute_dtype()
 
-    @staticmethod
-    def _after_load(module: RandLoraAdapter, incompatible_keys) -> None:
-        """After a load, the base's included (``assign=True`` may bring another device or dtype): plan for it."""
-        if "_plan" not in module.__dict__:
+    def _follow_weight(self, *_) -> None:
+        """Plan for the weight now held, after a load (``assign=True`` may bring another device or dtype; the base is
+        loaded after this module, so a load_state_dict post-hook) or a weight assignment."""
+        if "_plan" not in self.__dict__:
             return
-        if module.lam.device.type != module._plan.device_type:
-            module._replan()  # lam/gam off meta
+        if self.lam.device.type != self._plan.device_type:
+            self._replan()  # lam/gam off meta
         else:
-            module._bases_in(_update_dtype(module._compute_dtype()))
+            self._bases_in(_update_dtype(self._compute_dtype()))
 
     def _refuse_training_merged(self) -> None:
         """Refuse a training forward while merged: lam/gam would get no gradient."""
@@ -741,8 +741,8 @@ class RandLoraAdapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
-        if RandLoraAdapter._after_load not in self._load_state_dict_post_hooks.values():  # pickled before it existed
-            self.register_load_state_dict_post_hook(RandLoraAdapter._after_load)
+        if RandLoraAdapter._follow_weight not in self._load_state_dict_post_hooks.values():  # pickled before it existed
+            self.register_load_state_dict_post_hook(RandLoraAdapter._follow_weight)
         if brings_weight:
             params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
             self._merged_params, self.merged = params, params is not None
@@ -813,8 +813,7 @@ class RandLoraLinear(RandLoraAdapter):
             raise ValueError(f"layer {_short(self.name)} is adapted for a {name} of shape {tuple(old.shape)}, "
                              f"got {tuple(value.shape)}: resize (resize_token_embeddings, ...) before inject")
         setattr(self.base, name, value)
-        if "_plan" in self.__dict__:  # the views for the new weight's dtype
-            self._bases_in(_update_dtype(self._compute_dtype()))
+        self._follow_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
@@ -1312,8 +1311,7 @@ def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[
 
     def sharers(m: RandLoraAdapter) -> list[tuple[str, torch.Tensor]]:
         """The parameters on ``m``'s weight's bytes (none for a base without a weight)."""
-        w = (m._slot[0].parametrizations[m._slot[1]].original if isinstance(m, RandLoraWeight)
-             else getattr(m.base, "weight", None))
+        w = _stored_weight_of(*m._slot) if isinstance(m, RandLoraWeight) else _stored_weight_of(m.base)
         if not isinstance(w, torch.Tensor):
             return []
         key, lo, hi = span(w)
@@ -2125,13 +2123,14 @@ def _peft_write(path: str | os.PathLike, items: list[tuple[str, torch.Tensor]], 
                 saved: Mapping, **config) -> None:
     """Replace the folder ``path`` as a whole (:func:`_atomic_write`), with its other plain files; rank 0 writes."""
     items = [*items, *((_PEFT + k, t) for k, t in _file_tensors({}, saved))]  # and the modules to save, in full
-    target = os.path.realpath(_path(path))  # checked where written: realpath("a/../b") is b, a or not
+    path = _path(path)
+    target = os.path.realpath(path)  # checked where written: realpath("a/../b") is b, a or not
     backup = _backup_path(target)
     if os.path.isdir(backup) and _is_writer():  # a crash in an earlier save's window, or a backup it could not remove
         _drop(backup) if os.path.lexists(target) else os.rename(backup, target)
         if os.path.lexists(backup):
             raise ValueError(f"{backup}, an earlier save's copy of {path}, cannot be removed; remove it by hand")
-    st = _stat(target, stat.S_ISDIR, "an adapter folder is written there", shown=os.fspath(path))
+    st = _stat(target, stat.S_ISDIR, "an adapter folder is written there", shown=path)
     if st and (subs := sorted(e.name for e in os.scandir(target) if e.is_dir(follow_symlinks=False))):
         raise ValueError(f"{path} has subfolders ({_short_list(subs, 5)}); "
                          "the adapter folder is replaced as a whole and they would be lost")
