@@ -820,6 +820,9 @@ class RandLoraLinear(RandLoraAdapter):
             self._refuse_training_merged()
             return self.base(x)
         if x.is_nested:  # nn.TransformerEncoder's inference path: s ΔW as a weight beside the base's own call
+            if self.training and self.config.dropout > 0:
+                raise ValueError(f"RandLoraLinear {_short(self.name)}: adapter dropout on a nested-tensor input is not "
+                                 "supported; pad the input, or call model.eval()")
             adt = _update_dtype(x.dtype)
             delta = _weight_again(None, self.lam, self.gam, *self._bases_in(adt), self._plan, adt)
             return self.base(x) + F.linear(x, delta.to(x.dtype))

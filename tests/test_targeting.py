@@ -467,6 +467,17 @@ def test_transformer_encoder_nested_inference_path_with_a_hooked_layer(hooked):
     assert_close(y[~mask], want[~mask], 1e-5)
 
 
+def test_a_nested_input_with_adapter_dropout_in_training_is_refused():
+    """Dropout on a nested input is not applied by the nested path, so a training call with dropout refuses it
+    rather than computing without it; in eval the same call computes."""
+    torch.manual_seed(0)
+    model = randlora.inject(nn.Sequential(nn.Linear(8, 6)), ["0"], rank=2, dropout=0.5).train()
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)])
+    with pytest.raises(ValueError, match="RandLoraLinear '0': adapter dropout on a nested-tensor input"):
+        model(x)
+    assert model.eval()(x).size(0) == 2
+
+
 class _Double(nn.Module):
     def forward(self, w):
         return 2 * w
