@@ -1646,8 +1646,7 @@ def _serialize(items: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str,
 
 
 def _stat(path: str, expect: Callable[[int], bool], what: str, shown: str = "") -> os.stat_result | None:
-    """``os.stat(path)``, None when missing; a symlink loop or a kind ``expect`` refuses is an error naming the path
-    (or ``shown``, the user's spelling of it)."""
+    """``os.stat(path)``, None when missing; a symlink loop or a refused kind raises, naming ``shown`` or ``path``."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -1901,8 +1900,7 @@ def trainer_callback():
                 raise FileNotFoundError(f"randlora.trainer_callback: the Trainer wrote no checkpoint folder {folder}")
             try:
                 _adapter_checkpoint(model, folder, args.should_save)
-            except (TypeError, ValueError) as e:
-                # refused before anything is written: the Trainer's whole-model files stay
+            except (TypeError, ValueError) as e:  # refused before any write: the Trainer's whole-model files stay
                 if args.should_save:  # resume_from_checkpoint=True then picks the last good one
                     shutil.rmtree(folder + ".refused", ignore_errors=True)  # an earlier run's
                     os.rename(folder, folder + ".refused")
@@ -1999,8 +1997,7 @@ def _peft_config(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
         why = " (only 'none': biases are not trained)" if k == "bias" else ""
         raise ValueError(f"{file}: {k}={_short(raw[k])} is not supported by from_peft{why}")
     t, saved = cfg["target_modules"], cfg["modules_to_save"] or []
-    if ((isinstance(t, str) and t.lower() == ALL_LINEAR)
-        or not (isinstance(t, str) or (t and all(isinstance(e, str) and e for e in t)))):
+    if (t.lower() == ALL_LINEAR if isinstance(t, str) else not (t and all(isinstance(e, str) and e for e in t))):
         raise ValueError(f"{file}: target_modules must list the module names or be a regex "
                          f"(not 'all-linear'), got {_short(t)}")
     if not all(isinstance(n, str) and n for n in saved):
@@ -2107,12 +2104,10 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
     if not layers:
         raise ValueError(f"{type(model).__name__} has no RandLoRA layers to save")
     for name, m in layers.items():
-        # a parent, under any of the layer's names, reads its weight
-        if isinstance(m, RandLoraWeight) or m._dropout_refusal:
+        if isinstance(m, RandLoraWeight) or m._dropout_refusal:  # its parent reads the weight, under any of its names
             raise ValueError(f"layer {_short(name)} adapts a weight its parent module reads directly "
                              f"(nn.MultiheadAttention, nn.TransformerEncoderLayer): PEFT {what} would skip it")
-        # bitsandbytes' layers are nn.Linear, hooked ones too
-        if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):
+        if not (isinstance(m.base, nn.Linear) or _is_conv1d(m.base)):  # bitsandbytes' layers, hooked too, are nn.Linear
             raise ValueError(f"layer {_short(name)} wraps a {type(m.base).__name__}; PEFT {what} adapts only "
                              "nn.Linear, Conv1D and bitsandbytes' Linear8bitLt / Linear4bit")
     for name in saved:
