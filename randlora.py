@@ -1008,10 +1008,9 @@ def _own_call(module: nn.Module) -> bool:
 
 
 def _classify(module: nn.Module) -> tuple[str, str | None]:
-    """``(layout, shows)``: "linear"/"conv1d" (plain weight), "4bit" (bnb Linear4bit), "opaque" (own forward); .weight:
-    "adapted"/"base"/None."""
-    w, plain_fwd = (_stored_weight_of(module),
-                    isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+    """``(layout, shows)``: "linear"/"conv1d"/"4bit" (bnb)/"opaque" (own forward); .weight: "adapted"/"base"/None."""
+    w = _stored_weight_of(module)
+    plain_fwd = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
     # hooks and parametrizations may compute the weight
     free = not parametrize.is_parametrized(module) and not _own_call(module)
     if free and _plain_weight(w) and (plain_fwd or _is_conv1d(module)):
@@ -1038,8 +1037,7 @@ def _dequantizer(module: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Te
 
 
 def _weight_reader(parent: nn.Module | None, attr: str) -> str | None:
-    """How ``parent`` uses child ``attr``'s weight: "computes" with it (MHA's out_proj, TransformerEncoderLayer),
-    "inspects" it (T5) or None."""
+    """How ``parent`` uses child ``attr``'s weight: "computes" with it (MHA, encoder layer), "inspects" (T5) or None."""
     mha, encoder = isinstance(parent, nn.MultiheadAttention), isinstance(parent, nn.TransformerEncoderLayer)
     if (mha and attr == "out_proj") or (encoder and attr in ("linear1", "linear2")):
         return "computes"
@@ -1254,7 +1252,7 @@ def inject(
         raise TypeError(f"inject() got unexpected keyword(s) {_short_list(sorted(removed))}{hint}")
     given = {k: v for k, v in dict(rank=rank, seed=seed, alpha=alpha, dropout=dropout, bases=bases,
                                    strategy=strategy).items() if v is not ...}
-    if config is not None and not isinstance(config, RandLoraConfig) or config is None and "rank" not in given:
+    if not isinstance(config, RandLoraConfig) and (config is not None or "rank" not in given):
         raise TypeError(f"inject() needs rank=... or config=RandLoraConfig(...), got config={_short(config)}")
     config = config or RandLoraConfig(**given)
     for field, value in given.items():  # a keyword beside config= must agree with it
@@ -1298,8 +1296,7 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
 
 
 def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[str, torch.Tensor]]]:
-    """``(name, parameter)`` of each parameter on an adapter's weight's bytes: one Parameter under one or more names,
-    or others on the same storage that overlap it (a tie made through ``.data``, or a slice of a larger weight)."""
+    """For an adapter, the ``(name, parameter)`` pairs on its weight's bytes (aliases, ``.data`` ties, slices)."""
 
     def span(p: torch.Tensor) -> tuple[object, int, int]:
         """``(storage, first byte, end byte)`` of ``p``; a meta or storage-less tensor stands alone."""
@@ -1436,7 +1433,7 @@ def summary(model: nn.Module) -> str:
     rows = [head, *((n, f"{m.out_features}x{m.in_features}", str(m.n), count((m.lam, m.gam))) for n, m in adapters)]
     rows += [(f"{n} (saved in full)", "-", "-", count(s.trained.parameters()))
              for n, s in _saved_modules(model).items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(map(len, column)) for column in zip(*rows)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     if adapters:
         m = adapters[0][1]
