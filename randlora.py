@@ -1103,8 +1103,7 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
                         or (module._forward_pre_hooks and _plain_weight(_stored_weight_of(module)))):
             raise ValueError(refuse + "its weight is computed by a parametrization or a forward pre-hook (weight_norm, "
                              "...): merge could not write W + s·ΔW through it; remove it first "
-                             "(torch.nn.utils.parametrize.remove_parametrizations, "
-                             "torch.nn.utils.remove_weight_norm)")
+                             "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.remove_weight_norm)")
         why = next((w for parent, attr in holders[id(module)] if (w := _no_dropout(parent, attr, module))), "")
         if config.dropout > 0 and why:
             raise ValueError(refuse + f"{why}: adapter dropout cannot apply; adapt it with dropout=0 (an inject call "
