@@ -349,8 +349,7 @@ class _Call(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)  # a layer's backward asks for the same few (N, ...) every step
 def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_x: bool, need_S: bool):
-    """The cheapest exact backward (docs/MATH.md#cost-model): ``dX`` via ``"W'"`` or ``"factorized"``, ``dS`` via
-    ``"G"`` or ``"factorized"``."""
+    """The cheapest exact backward's ``(dX, dS)`` routes (MATH.md#cost-model): ``"W'"``/``"G"`` or ``"factorized"``."""
     build, fact, G, shared = (out_f * in_f * rn, N * rn * (out_f + in_f), (N + rn) * out_f * in_f,
                               N * out_f * rn if out_f >= in_f else 0)
 
@@ -645,8 +644,7 @@ class RandLoraAdapter(nn.Module):
         return self._compute_dtype()
 
     def _follow_weight(self, *_) -> None:
-        """Plan for the weight now held, after a load (``assign=True`` may bring another device or dtype; the base is
-        loaded after this module, so a load_state_dict post-hook) or a weight assignment."""
+        """Plan for the device and dtype a load (a post-hook: the base loads after this one) or an assignment brings."""
         if "_plan" not in self.__dict__:
             return
         if self.lam.device.type != self._plan.device_type:
@@ -715,7 +713,7 @@ class RandLoraAdapter(nn.Module):
             destination[prefix + "_extra_state"] = torch.cat([torch.ones(1), *flat])
 
     def _parse_merge_state(self, state: object) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged."""
+        """A state dict's merge state, checked: None (unmerged) or ``(lam, gam)`` as merged (float32, on its device)."""
         r, n, d = self.rank, self.n, self.d
         ok = (isinstance(state, torch.Tensor) and state.dim() == 1 and state.is_floating_point()
               and state.layout == torch.strided and not state.is_meta)
@@ -728,7 +726,7 @@ class RandLoraAdapter(nn.Module):
         if self.disabled:
             raise ValueError(f"layer {_short(self.name)}: "
                              "a merged state cannot be loaded inside randlora.disable(); load it outside")
-        flat = state.detach().to(self.lam.device, torch.float32)
+        flat = state.detach().float()
         return flat[1 : 1 + r * n].reshape(r, n).clone(), flat[1 + r * n :].reshape(n, d).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -736,16 +734,15 @@ class RandLoraAdapter(nn.Module):
         # a merge state describes the weight loaded with it (none: an unmerged one), never the weight held here
         brings_weight = (prefix + "base.weight" in state_dict if isinstance(self, RandLoraLinear)
                          else self.__dict__.pop("_weight_in_load", False))  # see RandLoraWeight._state_hook
-        if key in state_dict:
-            self._parse_merge_state(state_dict[key])  # refused before this layer changes
+        params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # refused before any change
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if key in unexpected:
             unexpected.remove(key)
         if RandLoraAdapter._follow_weight not in self._load_state_dict_post_hooks.values():  # pickled before it existed
             self.register_load_state_dict_post_hook(RandLoraAdapter._follow_weight)
-        if brings_weight:
-            params = self._parse_merge_state(state_dict[key]) if key in state_dict else None  # on lam's device now
-            self._merged_params, self.merged = params, params is not None
+        if brings_weight:  # lam/gam as merged, on lam's device now
+            self._merged_params = None if params is None else tuple(t.to(self.lam.device) for t in params)
+            self.merged = params is not None
         elif self.merged and (prefix + "lam" in state_dict or prefix + "gam" in state_dict):
             self.unmerge()  # new lam/gam (load_state_dict(strict=False), PEFT's way) into a merged weight: merge them
             self.merge()
@@ -919,9 +916,8 @@ class RandLoraWeight(RandLoraAdapter):
         owner._parameters.update({k: params[k] for k in self._param_order if k in params} | params)
 
     def _converted_dtype(self, fn) -> torch.dtype:
-        """The dtype ``fn`` gives the owner's ``original``, which it converts after this child (tried on an empty
-        slice; a function that takes only the module's own tensors leaves the dtype as it is)."""
-        with contextlib.suppress(Exception):
+        """The dtype ``fn`` gives the owner's ``original``, which it converts after this child (tried on ``[:0]``)."""
+        with contextlib.suppress(Exception):  # a function for the module's own tensors only: the dtype stays
             return fn(self._stored_weight()[:0]).dtype
         return self._compute_dtype()
 
