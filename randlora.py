@@ -1117,6 +1117,9 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
             if (reader == "computes" and shows != "adapted") or (reader == "inspects" and shows is None):
                 raise ValueError(refuse + f"its parent {type(parent).__name__} reads {attr}.weight instead of calling "
                                  f"it, and a {kind} has no plain weight to add the update to")
+    if lazy := [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]:
+        raise ValueError(f"cannot adapt {type(model).__name__}: its lazy parameters {_short_list(lazy, 3)} are not "
+                         "initialized, so they could not be frozen; run one forward pass first")
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:

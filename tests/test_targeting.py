@@ -371,6 +371,25 @@ def test_a_lazy_layer_not_yet_run_is_refused_naming_why():
     assert type(model[0]) is nn.LazyLinear and model[0].has_uninitialized_params()
 
 
+def test_a_lazy_layer_elsewhere_in_the_model_is_refused_before_anything_changes(tmp_path):
+    """An untargeted lazy layer that has not run yet cannot be frozen (torch refuses requires_grad_ on it): inject and
+    a load into a plain model refuse it up front, naming it, instead of failing after the targets were replaced."""
+    torch.manual_seed(0)
+    donor = randlora.inject(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), ["0"], rank=2)
+    randlora.save_adapter(donor, tmp_path / "a.safetensors")
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    before = ([type(m) for m in model.modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
+              model[0].weight.detach().clone())
+    for fn in (lambda: randlora.inject(model, ["0"], rank=2),
+               lambda: randlora.load_adapter(model, tmp_path / "a.safetensors")):
+        with pytest.raises(ValueError, match=r"lazy parameters '1\.weight', '1\.bias' are not initialized.*forward"):
+            fn()
+        after = ([type(m) for m in model.modules()], [(n, p.requires_grad) for n, p in model.named_parameters()])
+        assert after == before[:2] and torch.equal(model[0].weight, before[2])
+    model(torch.randn(2, 8))  # once it has run, it is adapted as usual
+    assert [n for n, _ in randlora.named_adapters(randlora.inject(model, ["0"], rank=2))] == ["0"]
+
+
 def test_a_layer_under_two_names_is_checked_under_each_parent():
     """MHA's out_proj also registered elsewhere, first: its first name's parent is not the MHA, but the MHA still reads
     its weight, so adapter dropout, which could never apply, is refused under either name."""
