@@ -1896,10 +1896,12 @@ def trainer_callback():
             try:
                 _adapter_checkpoint(model, folder, args.should_save)
             except (TypeError, ValueError) as e:  # refused before any write: the Trainer's whole-model files stay
-                if args.should_save:  # resume_from_checkpoint=True then picks the last good one
-                    shutil.rmtree(folder + ".refused", ignore_errors=True)  # an earlier run's
-                    os.rename(folder, folder + ".refused")
-                raise type(e)(f"{e}; the Trainer's checkpoint is kept as {folder}.refused") from None
+                # renamed out of the Trainer's "checkpoint-*": resume and save_total_limit's rotation never see it
+                kept = os.path.join(args.output_dir, "refused-" + os.path.basename(folder))
+                if args.should_save:
+                    shutil.rmtree(kept, ignore_errors=True)  # an earlier run's
+                    os.rename(folder, kept)
+                raise type(e)(f"{e}; the Trainer's checkpoint is kept as {kept}") from None
             return control
 
     return RandLoraCheckpoints()

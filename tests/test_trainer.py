@@ -239,7 +239,7 @@ class Diverge(transformers.TrainerCallback):
 @pytest.mark.parametrize("how", ["class", "callback"])
 def test_a_diverged_save_leaves_the_last_good_checkpoint_for_resume(how, tmp_path):
     """A NaN at a save step is refused, and nothing is left that resume_from_checkpoint=True would pick instead of
-    the last good checkpoint: trainer_class leaves no folder; the callback keeps the Trainer's as checkpoint-N.refused.
+    the last good checkpoint: trainer_class leaves no folder; the callback keeps the Trainer's as refused-checkpoint-N.
     Resuming from there gives the uninterrupted run's values at that step."""
     model = adapted("llama")
     trainer = make_trainer(model, tmp_path, "llama", how, max_steps=3)
@@ -248,7 +248,7 @@ def test_a_diverged_save_leaves_the_last_good_checkpoint_for_resume(how, tmp_pat
         trainer.train()
     assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
     names = sorted(os.listdir(tmp_path))
-    assert names == (["checkpoint-1"] if how == "class" else ["checkpoint-1", "checkpoint-2.refused"]), names
+    assert names == (["checkpoint-1"] if how == "class" else ["checkpoint-1", "refused-checkpoint-2"]), names
     good = tmp_path / "checkpoint-1"
     check_adapter_only(good, model)
     reference = adapted("llama")
@@ -285,19 +285,35 @@ def test_a_diverged_step_with_save_total_limit_keeps_the_last_good_checkpoint(ho
     check_adapter_only(tmp_path / "checkpoint-1", model)
 
 
+@pytest.mark.parametrize("how", ["class", "callback"])
+def test_a_refused_folder_is_never_taken_for_a_checkpoint_by_a_later_run(how, tmp_path):
+    """A later run into the same output_dir with save_total_limit=1: the Trainer's rotation keeps the newest
+    checkpoint-N; a refused-checkpoint-N left by an earlier refusal is not one, so the good checkpoint stays."""
+    model = adapted("llama")
+    trainer = make_trainer(model, tmp_path, "llama", "callback", max_steps=3)
+    trainer.add_callback(Diverge(model, 2))
+    with pytest.raises(ValueError, match=r"kept as .*refused-checkpoint-2"):
+        trainer.train()
+    model = adapted("llama")
+    make_trainer(model, tmp_path, "llama", how, max_steps=2, save_total_limit=1).train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "refused-checkpoint-2"]
+    assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    check_adapter_only(tmp_path / "checkpoint-2", model)
+
+
 def test_a_second_refusal_at_the_same_step_replaces_the_earlier_refused_folder(tmp_path):
     """A rerun into the same output_dir that diverges at the same step again: the refusal is the ValueError (not an
-    OSError from renaming onto the earlier checkpoint-N.refused), and no checkpoint-N is left for resume to pick."""
-    (tmp_path / "checkpoint-2.refused").mkdir()
-    (tmp_path / "checkpoint-2.refused" / "model.safetensors").write_bytes(b"an earlier run's")
+    OSError from renaming onto the earlier refused-checkpoint-N), and no checkpoint-N is left for resume to pick."""
+    (tmp_path / "refused-checkpoint-2").mkdir()
+    (tmp_path / "refused-checkpoint-2" / "model.safetensors").write_bytes(b"an earlier run's")
     model = adapted("llama")
     trainer = make_trainer(model, tmp_path, "llama", "callback", max_steps=3)
     trainer.add_callback(Diverge(model, 2))
     with pytest.raises(ValueError, match=r"lam' has NaN or Inf values"):
         trainer.train()
     assert transformers.trainer_utils.get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-1")
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2.refused"]
-    assert (tmp_path / "checkpoint-2.refused" / "model.safetensors").read_bytes() != b"an earlier run's"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "refused-checkpoint-2"]
+    assert (tmp_path / "refused-checkpoint-2" / "model.safetensors").read_bytes() != b"an earlier run's"
 
 
 def test_a_failed_adapter_write_keeps_the_trainers_whole_model_checkpoint(tmp_path, monkeypatch):
