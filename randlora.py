@@ -2022,10 +2022,13 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
                          "from_peft adapts a plain model (eject() first)")
     t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
     selects = (lambda n: re.fullmatch(t, n)) if isinstance(t, str) else (lambda n: any(_name_matches(n, e) for e in t))
-    saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
-    if any(not any(n.endswith(e) for n in saved) for e in cfg["modules_to_save"]):
-        raise ValueError(f"{folder}: modules_to_save {_short(cfg['modules_to_save'])} matches no module "
-                         f"of {type(model).__name__}")
+    with _open_safetensors(weights := os.path.join(folder, PEFT_WEIGHTS_NAME)) as f:
+        keys = list(f.keys())
+    # PEFT <= 0.18 saves every module whose name ends with an entry, later ones the name or a ".name" suffix (and
+    # ignore an entry that matches nothing, as task_type's defaults may): a looser match is saved where the file has it
+    saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])
+             and (any(_name_matches(n, e) for e in cfg["modules_to_save"]) or any(k.startswith(f"{_PEFT}{n}.")
+                                                                                  for k in keys))]
     inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
     found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not f"{n}.".startswith(inside)}
     if not found or None in found.values():
@@ -2040,7 +2043,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
                          "(nn.MultiheadAttention, nn.TransformerEncoderLayer), where PEFT's update applies in some "
                          "modes and not in others: not loadable")
     d, D = sorted((max(o for _, o in found.values()), max(i for i, _ in found.values())))
-    with _open_safetensors(weights := os.path.join(folder, PEFT_WEIGHTS_NAME)) as f:
+    with _open_safetensors(weights) as f:
         tensors, bases = _peft_tensors(f, weights, model, found, saved, cfg, D, d)
     if not bases:
         bases = _peft_regenerate(cfg["kind"], cfg["r"], cfg["projection_prng_key"], D, d, draw_dtype or (torch.bfloat16
@@ -2109,8 +2112,9 @@ def _peft_layers(model: nn.Module, what: str) -> tuple[dict[str, RandLoraAdapter
                              "nn.Linear, Conv1D and bitsandbytes' Linear8bitLt / Linear4bit")
     for name in saved:
         if others := [n for n, _ in model.named_modules() if n.endswith(name) and not f"{n}.".startswith(f"{name}.")]:
-            raise ValueError(f"module to save {_short(name)}: PEFT selects modules_to_save by name suffix and would "
-                             f"also select {_short_list(others, 5)}; this adapter cannot be written in PEFT's format")
+            raise ValueError(f"module to save {_short(name)}: PEFT up to 0.18 selects modules_to_save by name "
+                             f"suffix and would also select {_short_list(others, 5)}; this adapter cannot be written "
+                             "in PEFT's format")
     return layers, saved
 
 

@@ -23,6 +23,7 @@ import re
 import sys
 
 import pytest
+import safetensors
 import torch
 import torch.nn as nn
 
@@ -297,6 +298,41 @@ def test_from_peft_adapts_a_target_whose_name_extends_a_module_to_save(tmp_path)
     assert [n for n, _ in randlora.named_adapters(ours)] == ["head2"]
     with torch.no_grad():
         assert_close(ours(x), pm.eval()(x))
+
+
+class ClassifierNet(nn.Module):
+    """DistilBERT's head names: ``pre_classifier`` ends with ``classifier`` but is not a ``.classifier`` suffix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.pre_classifier, self.classifier = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.pre_classifier(torch.relu(self.body(x)))))
+
+
+@pytest.mark.parametrize("saved", [["classifier"], ["classifier", "score", "pre_classifier"]])
+def test_from_peft_saves_the_modules_peft_saved(saved, tmp_path):
+    """PEFT (0.22 here) saves a module whose name is an entry or ends with "." + entry, and ignores an entry that
+    matches nothing (task_type="SEQ_CLS" writes ["classifier", "score", ...]); from_peft loads what it saved and
+    computes what PEFT computes. (PEFT up to 0.18 also saved any name ending with an entry: also loaded, as the file
+    then holds those modules.)"""
+    pm = get_peft_model(ClassifierNet(), RandLoraConfig(r=2, target_modules=["body"], modules_to_save=saved))
+    randomize_peft(pm, 5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "a"))
+    with safetensors.safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        held = {k.split(".")[2] for k in f.keys() if "randlora" not in k}
+    ours = randlora.from_peft(ClassifierNet(), tmp_path / "a")
+    assert sorted(n for n, m in ours.named_modules() if isinstance(m, randlora.SavedModule)) == sorted(held)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close(ours(x), pm.eval()(x))
+        assert rel(ours(x), ClassifierNet()(x)) > MIN_EFFECT
 
 
 def test_from_peft_regenerated_bases_equal_peft_buffers(tmp_path):
