@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __version__ = "0.3.0"
@@ -359,8 +360,9 @@ def _backward_routes(N: int, out_f: int, in_f: int, rn: int, have_W: bool, need_
                           if need_S else 0)
 
     routes = [(dx, ds) for dx in ("W'", "factorized") for ds in ("G", "factorized")]
-    costs = [cost(*route) for route in routes]  # symbolic under torch.compile with dynamic shapes: no min(key=) there
-    return routes[costs.index(min(costs))]  # the first of the cheapest
+    costs = [cost(*route) for route in routes]
+    # the first of the cheapest; under torch.compile with a dynamic N only one known cheapest without a guard, else None
+    return next((r for r, c in zip(routes, costs) if all(statically_known_true(c <= o) for o in costs)), None)
 
 
 def _build_from(out_f: int, in_f: int, rn: int, strategy: str) -> int:
@@ -436,12 +438,10 @@ class RandLoraFunction(torch.autograd.Function):
         p, dtype, need_S, s = c.plan, x.dtype, need_lam or need_gam, c.plan.scaling
         dY = _as(dY, dtype)
         A_, Bf_ = _materialize(A, dtype, p.scale), _materialize(Bf, dtype, p.scale)
-        if p.free:
-            # no cache in a graph
-            routes = _backward_routes.__wrapped__ if torch.compiler.is_compiling() else _backward_routes
-            dx_route, ds_route = routes(x.shape[0], *p.shape, Wp is not None, need_x, need_S)
-        else:
-            dx_route, ds_route = ("W'", "G") if c.build else ("factorized", "factorized")
+        # the cheapest routes (no cache in a graph) where auto and known, else the forward's own
+        routes = _backward_routes.__wrapped__ if torch.compiler.is_compiling() else _backward_routes
+        chosen = routes(x.shape[0], *p.shape, Wp is not None, need_x, need_S) if p.free else None
+        dx_route, ds_route = chosen or (("W'", "G") if c.build else ("factorized", "factorized"))
         fact_x, fact_S = need_x and dx_route == "factorized", need_S and ds_route == "factorized"
         # dX through the factors, or through a W' built here, needs S (and a 4-bit base's W, dequantized again)
         S = _small_basis(lam, gam, A_, dtype) if fact_x or (need_x and Wp is None) else None
@@ -835,7 +835,9 @@ class RandLoraLinear(RandLoraAdapter):
         adt = _update_dtype(dtype)  # float16: the update in float32, beside the base's own call (as PEFT computes it)
         A, Bf = self._bases_in(adt)
         x2 = x.reshape(-1, self.in_features)
-        build, drop = x2.shape[0] >= p.build_from, self.training and self.config.dropout > 0
+        # under torch.compile with a dynamic token count, build only where known without a guard: one graph for all
+        build = statically_known_true(x2.shape[0] >= p.build_from)
+        drop = self.training and self.config.dropout > 0
         unpack = _dequantizer(base, dtype) if build and self.layout == "4bit" and not drop else None
         # the base's own call where hooks were set after inject, or for x not in W's dtype without autocast (it raises)
         ok = self.mergeable and (amp or x.dtype == base.weight.dtype) or unpack is not None

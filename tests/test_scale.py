@@ -395,8 +395,10 @@ def test_compile_fullgraph_trains_through_changing_batch_sizes(dynamic):
     with torch.no_grad():
         for _, layer in randlora.named_adapters(model):
             layer.lam.normal_()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-    for n in (4, 6, 9, 40, 7):
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=dynamic)
+    counts = []
+    for n in (5, 6, 9, 40, 7, 12, 3, 100):  # not first a size equal to a parameter's (dynamo unifies those)
         x = torch.randn(n, 16)
         outs = []
         for m in (compiled, model):
@@ -406,6 +408,33 @@ def test_compile_fullgraph_trains_through_changing_batch_sizes(dynamic):
         close(outs[0][0], outs[1][0], 1e-5, f"output, {n} tokens")
         for gc, ge in zip(outs[0][1], outs[1][1]):
             close(gc, ge, 1e-5, f"gradient, {n} tokens")
+        counts.append(cnt.frame_count)
+    # the token count is symbolic after the first size (dynamic=None) or from the start: no guard on the strategies'
+    # threshold, so the graph compiled for the second size serves every later one
+    assert set(counts[1:]) == {counts[1]}, counts
+
+
+def test_compile_fullgraph_many_layer_shapes_and_sizes_stay_one_graph():
+    """Each layer shape has its own threshold; guards on them multiplied graphs until dynamo's recompile limit, which
+    a fullgraph=True compile turns into an error: now one graph for every size, each equal to eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    widths = [16, 24, 40, 64, 100, 8]
+    layers = [m for i in range(5) for m in (nn.Linear(widths[i], widths[i + 1]), nn.ReLU())][:-1]
+    model = randlora.inject(nn.Sequential(*layers), "all-linear", rank=4)
+    with torch.no_grad():
+        for _, layer in randlora.named_adapters(model):
+            layer.lam.normal_()
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True, dynamic=True)
+    for n in [37, *range(2, 64, 3), *range(64, 301, 17)]:  # first a size no parameter has (dynamo would unify them)
+        x = torch.randn(n, 16)
+        y = compiled(x)
+        y.square().sum().backward()
+        first = cnt.frame_count if n == 37 else first
+        if n in (2, 29, 200):
+            close(y, model(x), 1e-5, f"output, {n} tokens")
+    assert cnt.frame_count == first, (cnt.frame_count, first)
 
 
 def test_compile_inductor_fullgraph_build_strategy_compact_bases():
