@@ -1861,6 +1861,10 @@ def trainer_class(base: type | None = None) -> type:
     import transformers
 
     class RandLoraTrainer(base or transformers.Trainer):
+        def train(self, *args, **kwargs):
+            _check_checkpoints(self.model, self.args, "trainer_class")
+            return super().train(*args, **kwargs)
+
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             output_dir = output_dir or self.args.output_dir
             if created := self.args.should_save and not os.path.isdir(output_dir):
@@ -1882,6 +1886,10 @@ def trainer_callback():
     import transformers
 
     class RandLoraCheckpoints(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            _check_checkpoints(model, args, "trainer_callback")
+            return control
+
         def on_step_end(self, args, state, control, model=None, **kwargs):
             # a diverged adapter is refused before the Trainer writes, or rotates away, a checkpoint
             if control.should_save:
@@ -1907,6 +1915,27 @@ def trainer_callback():
             return control
 
     return RandLoraCheckpoints()
+
+
+def _check_checkpoints(model: nn.Module, args, how: str) -> None:
+    """Refuse at the start of training a model whose checkpoints would be refused (or, with the callback, break the
+    Trainer's own whole-model save) at the first save."""
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+        return
+    try:
+        if layers := dict(named_adapters(model)):
+            _file_config(layers)
+    except ValueError as e:
+        raise ValueError(f"randlora.{how}: cannot checkpoint this model: {e}") from None
+    wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    if how == "trainer_callback" and (tied := next((ns for ns in names.values() if len(ns) > 1
+                                                    and any(n.startswith(wrapped) for n in ns)), None)):
+        raise ValueError(f"randlora.trainer_callback: {' and '.join(map(repr, tied))} are one tied weight under a "
+                         "RandLoRA wrapper's name, which the Trainer's own whole-model save refuses; use "
+                         "randlora.trainer_class(), whose checkpoints are adapter-only")
 
 
 def _adapter_checkpoint(model: nn.Module, folder: str, writer: bool) -> None:

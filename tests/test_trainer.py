@@ -301,6 +301,43 @@ def test_a_refused_folder_is_never_taken_for_a_checkpoint_by_a_later_run(how, tm
     check_adapter_only(tmp_path / "checkpoint-2", model)
 
 
+@pytest.mark.parametrize("where", ["target", "saved"])
+def test_the_callback_refuses_a_tied_head_at_the_start_and_trainer_class_checkpoints_it(where, tmp_path):
+    """A tied lm_head adapted or saved in full: the Trainer's own whole-model save (which the callback relies on)
+    refuses the tie under RandLoRA's names, so the callback refuses before the first step, naming both; the
+    adapter-only trainer_class checkpoints the model."""
+    def tied():
+        torch.manual_seed(0)
+        model = tiny_llama(tie_word_embeddings=True)
+        kw = {"modules_to_save": ["lm_head"]} if where == "saved" else {}
+        return randlora.inject(model, ["q_proj", *(["lm_head"] if where == "target" else [])], RANK, **kw)
+
+    model = tied()
+    before = adapter_values(model)
+    with pytest.raises(ValueError, match=r"trainer_callback: 'model.embed_tokens.weight' and 'lm_head\.(base|original)"
+                                         r"\.weight' are one tied weight.*trainer_class"):
+        make_trainer(model, tmp_path / "cb", "llama", "callback", max_steps=2).train()
+    assert not os.path.exists(tmp_path / "cb" / "checkpoint-1")
+    assert all(torch.equal(v, before[k]) for k, v in adapter_values(model).items())
+    model = tied()
+    make_trainer(model, tmp_path / "cls", "llama", "class", max_steps=2).train()
+    check_adapter_only(tmp_path / "cls" / "checkpoint-2", model)
+
+
+@pytest.mark.parametrize("how", ["class", "callback"])
+def test_a_model_from_peft_is_refused_at_the_start_of_training_when_it_would_checkpoint(how, tmp_path):
+    """Its bases are stored, not seeded, so no adapter checkpoint can hold it: refused before the first step (not at
+    the first save), and trained as usual with save_strategy="no"."""
+    peft_folder = tmp_path / "peft"
+    randlora.to_peft(adapted("llama"), peft_folder)
+    model = randlora.from_peft(base_model("llama"), peft_folder)
+    with pytest.raises(ValueError, match=f"randlora.trainer_{'class' if how == 'class' else 'callback'}: cannot "
+                                         "checkpoint this model: .*bases loaded from a PEFT file"):
+        make_trainer(model, tmp_path / "out", "llama", how, max_steps=2).train()
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
+    make_trainer(model, tmp_path / "nosave", "llama", how, max_steps=2, save_strategy="no").train()
+
+
 def test_a_second_refusal_at_the_same_step_replaces_the_earlier_refused_folder(tmp_path):
     """A rerun into the same output_dir that diverges at the same step again: the refusal is the ValueError (not an
     OSError from renaming onto the earlier refused-checkpoint-N), and no checkpoint-N is left for resume to pick."""
