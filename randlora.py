@@ -1761,7 +1761,8 @@ def _file_tensors(layers: Mapping[str, RandLoraAdapter],
     items += [(f"{n}.{k}", _gather(v)) for n, s in saved.items() for k, v in s.trained.state_dict().items()]
     for key, t in items:
         if t.dtype not in _ST_CODES:
-            raise TypeError(f"{_short(key)} is {t.dtype}, which a safetensors file cannot hold")
+            raise TypeError(f"{_short(key)} is {t.dtype}, which randlora's files do not hold (supported: "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in _ST_CODES)})")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{_short(key)} has NaN or Inf values (a diverged step?); "
                              "not saved, files left as they were")
@@ -2119,9 +2120,10 @@ def _peft_tensors(f, weights: str, model: nn.Module, found: dict, saved: list[st
     shapes, first = {"randlora_A": (cfg["r"], 1, d), "randlora_B": (D, _num_bases(d, cfg["r"]), cfg["r"])}, {}
     for x, k in sorted((x, k) for got in bases.values() for x, k in got.items()):
         t = f.get_tensor(k)
-        if not t.is_floating_point() or tuple(t.shape) != shapes[x] or not torch.isfinite(t).all():
-            raise ValueError(f"{weights}: {_short(k)} is {t.dtype} {tuple(t.shape)}; "
-                             f"expected finite floats of shape {shapes[x]}")
+        ok = t.is_floating_point() and tuple(t.shape) == shapes[x]
+        if not ok or not torch.isfinite(t).all():
+            raise ValueError(f"{weights}: {_short(k)} " + (f"is {t.dtype} {tuple(t.shape)}; expected finite floats of "
+                             f"shape {shapes[x]}" if not ok else "contains NaN or Inf values; expected finite floats"))
         if not torch.equal(first.setdefault(x, t), t):
             raise ValueError(f"{weights}: the stored copies of the shared bases differ "
                              f"({_short(k)}); the file is inconsistent")

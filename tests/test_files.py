@@ -1152,6 +1152,19 @@ def test_save_refuses_non_finite(tmp_path, value, param):
     randlora.load_adapter(fresh_tiny(), path)  # the old file is still good
 
 
+def test_save_refuses_a_dtype_its_files_do_not_hold_naming_the_tensor(tmp_path):
+    """A module to save with a uint16 buffer: refused before any file changes, the message naming the tensor, its
+    dtype and the dtypes a file holds (not claiming safetensors cannot hold it)."""
+    path = tmp_path / "a.safetensors"
+    randlora.save_adapter(adapted(modules_to_save=["norm"]), path)
+    model = adapted(values=8, modules_to_save=["norm"])
+    model.norm.trained.register_buffer("ids", torch.tensor([7, 9], dtype=torch.uint16))
+    e = refused(model, randlora.save_adapter, model, path, exc=TypeError, fs_root=tmp_path)
+    assert re.search(r"'norm\.ids' is torch\.uint16, which randlora's files do not hold \(supported: float64, .*bool\)",
+                     str(e)), e
+    randlora.load_adapter(fresh_tiny(), path)  # the old file is still good
+
+
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o604])
 def test_overwrite_keeps_mode_and_leaves_one_file(tmp_path, mode):
     path = tmp_path / "a.safetensors"

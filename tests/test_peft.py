@@ -636,7 +636,7 @@ WEIGHT_REFUSALS = {
     "A-shape": (_set("base_model.randlora_A", lambda t: t[:, :, :-1].contiguous()), r"'base_model.randlora_A' is torch.float32 \(7, 1, 49\); expected .* shape \(7, 1, 50\)"),
     "B-shape": (_set("base_model.model.a.randlora_B", lambda t: t[:-1].contiguous()), r"randlora_B' is torch.float32 \(49, 8, 7\); expected .* shape \(50, 8, 7\)"),
     "nan": (_set("base_model.model.b.randlora_gamma", lambda t: t.index_fill(1, torch.tensor([3]), float("nan"))), "NaN or Inf"),
-    "inf": (_set("base_model.randlora_B", lambda t: t.index_fill(0, torch.tensor([3]), float("inf"))), "'base_model.randlora_B' .* expected finite floats"),
+    "inf": (_set("base_model.randlora_B", lambda t: t.index_fill(0, torch.tensor([3]), float("inf"))), "'base_model.randlora_B' contains NaN or Inf values; expected finite floats"),
     "int": (_set("base_model.model.a.randlora_lambda", torch.zeros(7, 3, dtype=torch.int32)), "floating-point"),
     "copies-differ": (_set("base_model.model.b.randlora_A", lambda t: t * 2), "stored copies of the shared bases differ"),
 }
