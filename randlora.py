@@ -951,6 +951,13 @@ class SavedModule(nn.Module):
     def forward(self, *args, **kwargs):
         return (self.original if self.disabled else self.trained)(*args, **kwargs)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # e.g. tie_weights() assigning lm_head.weight: which copy should it tie, and would the trained one then train?
+        if isinstance(value, torch.Tensor) and "trained" in self._modules and hasattr(self.trained, name):
+            raise AttributeError(f"module to save {_short(self.name)} is trained in full as a copy: assign its {name} "
+                                 "on .trained or .original (tie_weights() cannot tie a module saved in full)")
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

@@ -248,6 +248,21 @@ def _headed(**kw):
     return randlora.inject(Headed(), ["body.0", "body.2"], rank=2, **kw)
 
 
+def test_assigning_a_weight_of_a_module_to_save_is_refused_naming_it():
+    """tie_weights() assigns lm_head.weight: on a module saved in full (a trained copy, and the frozen original) it is
+    refused with a message naming the module and what to assign instead (was a bare KeyError), the model unchanged."""
+    model = _headed(modules_to_save=["head.0"])
+
+    def tie(m):
+        m.head[0].weight = m.head[2].weight
+
+    msg = assert_refused(model, tie, AttributeError, r"module to save 'head\.0' is trained in full as a copy",
+                         r"on \.trained or \.original")
+    assert "tie_weights" in msg
+    model.head[0].trained.bias = nn.Parameter(torch.zeros(8))  # said explicitly, it is the user's to make
+    assert torch.equal(model.head[0].trained.bias, torch.zeros(8))
+
+
 @pytest.mark.parametrize("saved", [["head"], "head", r"he.d", lambda n, m: n == "head"])
 def test_modules_to_save_train_and_disable(saved):
     torch.manual_seed(0)
