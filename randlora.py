@@ -1128,7 +1128,7 @@ def _check_targets(model: nn.Module, found: list[tuple[str, nn.Module]], configs
                                  f"it, and a {kind} has no plain weight to add the update to")
     if lazy := [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]:
         raise ValueError(f"cannot adapt {type(model).__name__}: its lazy parameters {_short_list(lazy, 3)} are not "
-                         "initialized, so they could not be frozen; run one forward pass first")
+                         "initialized yet (their requires_grad cannot be set); run one forward pass first")
 
 
 def _check_saved(model: nn.Module, saved: list[tuple[str, nn.Module]], found: list[tuple[str, nn.Module]]) -> None:
@@ -1768,7 +1768,7 @@ def _file_tensors(layers: Mapping[str, RandLoraAdapter],
     items += [(f"{n}.{k}", _gather(v)) for n, s in saved.items() for k, v in s.trained.state_dict().items()]
     for key, t in items:
         if t.dtype not in _ST_CODES:
-            raise TypeError(f"{_short(key)} is {t.dtype}, which randlora's files do not hold (supported: "
+            raise TypeError(f"{_short(key)} is {t.dtype}, which randlora does not save (it saves "
                             f"{', '.join(str(d).removeprefix('torch.') for d in _ST_CODES)})")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{_short(key)} has NaN or Inf values (a diverged step?); "
@@ -1939,7 +1939,10 @@ def _check_checkpoints(model: nn.Module, args, how: str) -> None:
     names: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
-    if how == "trainer_callback" and (tied := next((ns for ns in names.values() if len(ns) > 1
+    # the Trainer's save drops the names a model declares tied (lm_head.weight); any other two names of one tensor fail
+    declared = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+    groups = ([n for n in ns if n not in declared] for ns in names.values())
+    if how == "trainer_callback" and (tied := next((ns for ns in groups if len(ns) > 1
                                                     and any(n.startswith(wrapped) for n in ns)), None)):
         raise ValueError(f"randlora.trainer_callback: {' and '.join(map(repr, tied))} are one tied weight under a "
                          "RandLoRA wrapper's name, which the Trainer's own whole-model save refuses; use "
@@ -2062,12 +2065,13 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
     t = cfg["target_modules"]  # PEFT's rules: a regex full-matched, or a list of names matched as inject matches them
     selects = (lambda n: re.fullmatch(t, n)) if isinstance(t, str) else (lambda n: any(_name_matches(n, e) for e in t))
     with _open_safetensors(weights := os.path.join(folder, PEFT_WEIGHTS_NAME)) as f:
-        keys = list(f.keys())
+        keys = set(f.keys())
     # PEFT <= 0.18 saves every module whose name ends with an entry, later ones the name or a ".name" suffix (and
-    # ignore an entry that matches nothing, as task_type's defaults may): a looser match is saved where the file has it
-    saved = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])
-             and (any(_name_matches(n, e) for e in cfg["modules_to_save"]) or any(k.startswith(f"{_PEFT}{n}.")
-                                                                                  for k in keys))]
+    # ignore an entry that matches nothing, as task_type's defaults may): a looser match is saved where the file
+    # holds its state (not merely a target's randlora_ keys under its name)
+    saved = [n for n, m in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])
+             and (any(_name_matches(n, e) for e in cfg["modules_to_save"])
+                  or any(f"{_PEFT}{n}.{k}" in keys for k in m.state_dict()))]
     inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
     found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not f"{n}.".startswith(inside)}
     if not found or None in found.values():

@@ -1160,7 +1160,7 @@ def test_save_refuses_a_dtype_its_files_do_not_hold_naming_the_tensor(tmp_path):
     model = adapted(values=8, modules_to_save=["norm"])
     model.norm.trained.register_buffer("ids", torch.tensor([7, 9], dtype=torch.uint16))
     e = refused(model, randlora.save_adapter, model, path, exc=TypeError, fs_root=tmp_path)
-    assert re.search(r"'norm\.ids' is torch\.uint16, which randlora's files do not hold \(supported: float64, .*bool\)",
+    assert re.search(r"'norm\.ids' is torch\.uint16, which randlora does not save \(it saves float64, .*bool\)",
                      str(e)), e
     randlora.load_adapter(fresh_tiny(), path)  # the old file is still good
 

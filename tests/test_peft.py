@@ -312,13 +312,14 @@ class ClassifierNet(nn.Module):
         return self.classifier(torch.relu(self.pre_classifier(torch.relu(self.body(x)))))
 
 
-@pytest.mark.parametrize("saved", [["classifier"], ["classifier", "score", "pre_classifier"]])
-def test_from_peft_saves_the_modules_peft_saved(saved, tmp_path):
+@pytest.mark.parametrize("saved,targets", [(["classifier"], ["body"]), (["classifier", "score", "pre_classifier"],
+                                          ["body"]), (["classifier"], ["body", "pre_classifier"])])
+def test_from_peft_saves_the_modules_peft_saved(saved, targets, tmp_path):
     """PEFT (0.22 here) saves a module whose name is an entry or ends with "." + entry, and ignores an entry that
     matches nothing (task_type="SEQ_CLS" writes ["classifier", "score", ...]); from_peft loads what it saved and
     computes what PEFT computes. (PEFT up to 0.18 also saved any name ending with an entry: also loaded, as the file
-    then holds those modules.)"""
-    pm = get_peft_model(ClassifierNet(), RandLoraConfig(r=2, target_modules=["body"], modules_to_save=saved))
+    then holds those modules; a target's randlora keys under such a name do not make it one.)"""
+    pm = get_peft_model(ClassifierNet(), RandLoraConfig(r=2, target_modules=targets, modules_to_save=saved))
     randomize_peft(pm, 5)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -329,6 +330,7 @@ def test_from_peft_saves_the_modules_peft_saved(saved, tmp_path):
         held = {k.split(".")[2] for k in f.keys() if "randlora" not in k}
     ours = randlora.from_peft(ClassifierNet(), tmp_path / "a")
     assert sorted(n for n, m in ours.named_modules() if isinstance(m, randlora.SavedModule)) == sorted(held)
+    assert sorted(n for n, _ in randlora.named_adapters(ours)) == sorted(targets)
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert_close(ours(x), pm.eval()(x))

@@ -324,6 +324,15 @@ def test_the_callback_refuses_a_tied_head_at_the_start_and_trainer_class_checkpo
     check_adapter_only(tmp_path / "cls" / "checkpoint-2", model)
 
 
+def test_the_callback_trains_a_model_whose_tie_the_trainer_declares(tmp_path):
+    """embed_tokens saved in full: its original stays tied to lm_head.weight, a tie the model declares, which the
+    Trainer's save drops: not refused, and the checkpoints are adapter-only."""
+    torch.manual_seed(0)
+    model = randlora.inject(tiny_llama(tie_word_embeddings=True), ["q_proj"], RANK, modules_to_save=["embed_tokens"])
+    make_trainer(model, tmp_path, "llama", "callback", max_steps=2).train()
+    check_adapter_only(tmp_path / "checkpoint-2", model)
+
+
 @pytest.mark.parametrize("how", ["class", "callback"])
 def test_a_model_from_peft_is_refused_at_the_start_of_training_when_it_would_checkpoint(how, tmp_path):
     """Its bases are stored, not seeded, so no adapter checkpoint can hold it: refused before the first step (not at
