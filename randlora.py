@@ -2068,10 +2068,11 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, draw_dtype: torch.dt
         keys = set(f.keys())
     # PEFT <= 0.18 saves every module whose name ends with an entry, later ones the name or a ".name" suffix (and
     # ignore an entry that matches nothing, as task_type's defaults may): a looser match is saved where the file
-    # holds its state (not merely a target's randlora_ keys under its name)
-    saved = [n for n, m in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])
-             and (any(_name_matches(n, e) for e in cfg["modules_to_save"])
-                  or any(f"{_PEFT}{n}.{k}" in keys for k in m.state_dict()))]
+    # holds its own state (not a target's randlora_ keys under its name, nor a strictly matched child's state)
+    loose = [(n, m) for n, m in model.named_modules() if n and any(n.endswith(e) for e in cfg["modules_to_save"])]
+    strict = tuple(f"{n}." for n, _ in loose if any(_name_matches(n, e) for e in cfg["modules_to_save"]))
+    saved = [n for n, m in loose if f"{n}." in strict
+             or any(f"{_PEFT}{n}.{k}" in keys and not f"{n}.{k}".startswith(strict) for k in m.state_dict())]
     inside = tuple(n + "." for n in saved)  # PEFT adapts no module that is, or is inside, a module to save
     found = {n: _features(m) for n, m in model.named_modules() if n and selects(n) and not f"{n}.".startswith(inside)}
     if not found or None in found.values():

@@ -337,6 +337,34 @@ def test_from_peft_saves_the_modules_peft_saved(saved, targets, tmp_path):
         assert rel(ours(x), ClassifierNet()(x)) > MIN_EFFECT
 
 
+class NestedHeads(nn.Module):
+    """``subhead`` ends with ``head`` (a looser match) and holds a child ``head`` (a strict ``.head`` match)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.head = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.subhead = nn.ModuleDict({"head": nn.Linear(8, 8), "proj": nn.Linear(8, 8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.q(x))
+        return self.head(h) + self.subhead["proj"](torch.relu(self.subhead["head"](h)))
+
+
+def test_from_peft_does_not_take_a_parent_for_its_saved_child(tmp_path):
+    """The file holds subhead.head's state (PEFT 0.22 saves the strict match): that is not subhead's own state, so
+    subhead is not a module to save (was refused: missing subhead.proj, or nested modules to save)."""
+    pm = get_peft_model(NestedHeads(), RandLoraConfig(r=2, target_modules=["q"], modules_to_save=["head"]))
+    randomize_peft(pm, 6)
+    pm.save_pretrained(str(tmp_path / "a"))
+    ours = randlora.from_peft(NestedHeads(), tmp_path / "a")
+    saved = sorted(n for n, m in ours.named_modules() if isinstance(m, randlora.SavedModule))
+    assert saved == ["head", "subhead.head"], saved
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert_close(ours(x), pm.eval()(x))
+
+
 def test_from_peft_regenerated_bases_equal_peft_buffers(tmp_path):
     # save_projection=False: our regenerated bases are PEFT's, value for value: each layer's own
     # view (public random_bases) is the slice of PEFT's buffers it uses, and to_peft writes the
