@@ -1935,6 +1935,8 @@ def _check_checkpoints(model: nn.Module, args, how: str) -> None:
             _file_config(layers)
     except ValueError as e:
         raise ValueError(f"randlora.{how}: cannot checkpoint this model: {e}") from None
+    if how != "trainer_callback":  # trainer_class never writes the whole model
+        return
     wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
     names: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -1942,8 +1944,7 @@ def _check_checkpoints(model: nn.Module, args, how: str) -> None:
     # the Trainer's save drops the names a model declares tied (lm_head.weight); any other two names of one tensor fail
     declared = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
     groups = ([n for n in ns if n not in declared] for ns in names.values())
-    if how == "trainer_callback" and (tied := next((ns for ns in groups if len(ns) > 1
-                                                    and any(n.startswith(wrapped) for n in ns)), None)):
+    if tied := next((ns for ns in groups if len(ns) > 1 and any(n.startswith(wrapped) for n in ns)), None):
         raise ValueError(f"randlora.trainer_callback: {' and '.join(map(repr, tied))} are one tied weight under a "
                          "RandLoRA wrapper's name, which the Trainer's own whole-model save refuses; use "
                          "randlora.trainer_class(), whose checkpoints are adapter-only")
