@@ -1302,18 +1302,18 @@ def _build(model: nn.Module, targets: list[tuple[str, nn.Module, RandLoraConfig]
     mark_only_adapter_as_trainable(model)
 
 
+def _span(p: torch.Tensor) -> tuple[object, int, int]:
+    """``(storage, first byte, end byte)`` of ``p``; a meta or storage-less tensor stands alone."""
+    with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
+        if p.device.type != "meta" and p.numel() and (ptr := p.untyped_storage().data_ptr()):
+            last = p.storage_offset() + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
+            return ptr, p.storage_offset() * p.element_size(), (last + 1) * p.element_size()
+    return id(p), 0, 1
+
+
 def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[str, torch.Tensor]]]:
     """For an adapter, the ``(name, parameter)`` pairs on its weight's bytes (aliases, ``.data`` ties, slices)."""
-
-    def span(p: torch.Tensor) -> tuple[object, int, int]:
-        """``(storage, first byte, end byte)`` of ``p``; a meta or storage-less tensor stands alone."""
-        with contextlib.suppress(RuntimeError, NotImplementedError, TypeError, AttributeError):  # DTensor, subclasses
-            if p.device.type != "meta" and p.numel() and (ptr := p.untyped_storage().data_ptr()):
-                last = p.storage_offset() + sum((n - 1) * st for n, st in zip(p.shape, p.stride()))
-                return ptr, p.storage_offset() * p.element_size(), (last + 1) * p.element_size()
-        return id(p), 0, 1
-
-    params = [(span(p), pname, p) for mname, mod in model.named_modules()
+    params = [(_span(p), pname, p) for mname, mod in model.named_modules()
               for pname, p in mod.named_parameters(mname, recurse=False, remove_duplicate=False)]
 
     def sharers(m: RandLoraAdapter) -> list[tuple[str, torch.Tensor]]:
@@ -1321,7 +1321,7 @@ def _weight_sharers(model: nn.Module) -> Callable[[RandLoraAdapter], list[tuple[
         w = _stored_weight_of(*m._slot) if isinstance(m, RandLoraWeight) else _stored_weight_of(m.base)
         if not isinstance(w, torch.Tensor):
             return []
-        key, lo, hi = span(w)
+        key, lo, hi = _span(w)
         return [(n, p) for (k, a, b), n, p in params if k == key and a < hi and lo < b]
 
     return sharers
@@ -1938,9 +1938,9 @@ def _check_checkpoints(model: nn.Module, args, how: str) -> None:
     if how != "trainer_callback":  # trainer_class never writes the whole model
         return
     wrapped = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (RandLoraAdapter, SavedModule)))
-    names: dict[int, list[str]] = {}
+    names: dict[tuple, list[str]] = {}  # one tensor's names: one Parameter's, or two Parameters' on the same bytes
     for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
+        names.setdefault(_span(p), []).append(n)
     # the Trainer's save drops the names a model declares tied (lm_head.weight); any other two names of one tensor fail
     declared = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
     groups = ([n for n in ns if n not in declared] for ns in names.values())

@@ -301,16 +301,18 @@ def test_a_refused_folder_is_never_taken_for_a_checkpoint_by_a_later_run(how, tm
     check_adapter_only(tmp_path / "checkpoint-2", model)
 
 
-@pytest.mark.parametrize("where", ["target", "saved"])
+@pytest.mark.parametrize("where", ["target", "saved", "target-data-tie"])
 def test_the_callback_refuses_a_tied_head_at_the_start_and_trainer_class_checkpoints_it(where, tmp_path):
     """A tied lm_head adapted or saved in full: the Trainer's own whole-model save (which the callback relies on)
     refuses the tie under RandLoRA's names, so the callback refuses before the first step, naming both; the
-    adapter-only trainer_class checkpoints the model."""
+    adapter-only trainer_class checkpoints the model. A tie made through .data (two Parameters, one storage) too."""
     def tied():
         torch.manual_seed(0)
-        model = tiny_llama(tie_word_embeddings=True)
+        model = tiny_llama(tie_word_embeddings=where != "target-data-tie")
+        if where == "target-data-tie":
+            model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.data)
         kw = {"modules_to_save": ["lm_head"]} if where == "saved" else {}
-        return randlora.inject(model, ["q_proj", *(["lm_head"] if where == "target" else [])], RANK, **kw)
+        return randlora.inject(model, ["q_proj", *(["lm_head"] if where != "saved" else [])], RANK, **kw)
 
     model = tied()
     before = adapter_values(model)
