@@ -826,7 +826,9 @@ class RandLoraLinear(RandLoraAdapter):
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected "
                              f"floating (..., in_features={self.in_features})")
-        p, dtype, base = self._plan, x.dtype, self.base
+        # the dicts, not nn.Module.__getattr__ (a microsecond a read, for a call whose own work is a few dozen)
+        p, dtype, base = self._plan, x.dtype, self._modules["base"]
+        lam, gam = self._parameters["lam"], self._parameters["gam"]
         if p.device_type == "meta" and not x.is_meta:
             raise RuntimeError(_ON_META.format(_short(self.name)))
         amp = p.amp and torch.is_autocast_enabled(p.device_type)
@@ -834,7 +836,7 @@ class RandLoraLinear(RandLoraAdapter):
             dtype = torch.get_autocast_dtype(p.device_type)
         adt = _update_dtype(dtype)  # float16: the update in float32, beside the base's own call (as PEFT computes it)
         A, Bf = self._bases_in(adt)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         # under torch.compile with a dynamic token count, build only where known without a guard: one graph for all
         build = statically_known_true(x2.shape[0] >= p.build_from)
         drop = self.training and self.config.dropout > 0
@@ -847,16 +849,15 @@ class RandLoraLinear(RandLoraAdapter):
             keep = self._memo.hold or torch._C._current_graph_task_id() != -1  # hold_weights, or a checkpoint recompute
             if not keep:  # a recompute's W' whose backward never ran (an unused output) is stale by now
                 self._memo.entry = None
-            call = _Call(p, build, self._memo, _WeightMemo.key(W, self.lam, self.gam, adt), keep, unpack)
+            call = _Call(p, build, self._memo, _WeightMemo.key(W, lam, gam, adt), keep, unpack)
         else:
             call = _Call(p, build, unpack=unpack)
         if fused:
             W = None if unpack is not None else _as(W.t() if self.layout == "conv1d" else W, adt)
-            y = RandLoraFunction.apply(_as(x2, adt), W, None if b is None else _as(b, adt), self.lam, self.gam, A, Bf,
-                                       call)
-            return y.view(*x.shape[:-1], self.out_features)
+            y = RandLoraFunction.apply(_as(x2, adt), W, None if b is None else _as(b, adt), lam, gam, A, Bf, call)
+            return y if x2 is x else y.view(*x.shape[:-1], self.out_features)
         with torch.autocast(p.device_type, enabled=False) if adt != dtype and p.amp else contextlib.nullcontext():
-            delta = RandLoraFunction.apply(_as(self.dropout(x2), adt), None, None, self.lam, self.gam, A, Bf, call)
+            delta = RandLoraFunction.apply(_as(self.dropout(x2), adt), None, None, lam, gam, A, Bf, call)
         y = base(x)
         return y + delta.view(*x.shape[:-1], self.out_features).to(y.dtype)
 

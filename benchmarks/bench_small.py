@@ -45,6 +45,8 @@ Methods (``--methods``):
             lam/gam float32
   randlora  PEFT RandLoRA at the same rank R, PEFT's defaults otherwise (alpha 640, dense bases)
   ours-hold ours with each step inside randlora.hold_weights(model) (opt-in; not in the default set)
+  ours-torch ours with randlora.TRITON set False for the run: S and dlam/dgam from torch ops, never the Triton
+            kernels (opt-in: what the kernels' launches cost or save on the host)
 Adapter parameters that start at zero (lora_B, randlora_lambda, lam) are drawn from N(0, 0.02) before timing.
 AdamW (lr 1e-5, torch's defaults: foreach on CUDA) over the trainable parameters.
 
@@ -131,7 +133,7 @@ SHAPES = {
         hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         vocab_size=256, max_position_embeddings=256)),
 }
-METHODS = ("frozen", "lora", "ours", "randlora", "ours-hold")
+METHODS = ("frozen", "lora", "ours", "randlora", "ours-hold", "ours-torch")
 MODES = ("eager", "compile", "ro")
 DEFAULT_SHAPES = "minilm,bert-base,qwen2-0.5b,1b"
 TINY_SHAPES = "tiny-bert,tiny-qwen2,tiny-llama"
@@ -271,7 +273,7 @@ def attach(method: str, model: nn.Module, spec: dict, info: dict) -> nn.Module:
         from peft import RandLoraConfig, get_peft_model
 
         model = get_peft_model(model, RandLoraConfig(r=info["rand_rank"], target_modules=targets))
-    elif method in ("ours", "ours-hold"):
+    elif method in ("ours", "ours-hold", "ours-torch"):
         randlora = import_randlora()
         randlora.inject(model, targets, rank=info["rand_rank"])
         got = len(list(randlora.named_adapters(model)))
@@ -469,7 +471,11 @@ def run_one(spec: dict, info: dict, method: str, mode: str, rep: int, args, devi
     t_run = time.perf_counter()
     CAPTURE.records.clear()
     model = fn = step = opt = params = None
+    triton_was = None
     try:
+        if method == "ours-torch":
+            rl = import_randlora()
+            triton_was, rl.TRITON = rl.TRITON, False
         if compiled:
             reset_dynamo()
         if device == "cuda":
@@ -566,6 +572,8 @@ def run_one(spec: dict, info: dict, method: str, mode: str, rep: int, args, devi
             except Exception:
                 pass
     finally:
+        if triton_was is not None:
+            import_randlora().TRITON = triton_was
         if CAPTURE.records:
             rec["log"] = list(CAPTURE.records)
         model = fn = step = opt = params = None  # noqa: F841  (drop the references before freeing)

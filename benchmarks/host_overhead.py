@@ -27,6 +27,8 @@ Methods (``--methods``, comma separated; ``NAME@R`` sets the rank):
   ours          randlora.inject(model, names, rank=R) (default R: the RandLoRA rank whose trainable count is
                 closest to LoRA r16's on these layers; for 64x64 that is r=2, 2,112 vs 2,048 per layer)
   randlora      PEFT RandLoRA at the same rank (PEFT's defaults otherwise)
+  ours-torch    ours with randlora.TRITON False while it runs: S and dlam/dgam from torch ops (on CUDA, where the
+                Triton kernels would run otherwise: what their launches cost or save on the host)
   bare          a floor for ours: the same factorized update (out >= in, dense bases, ours' bases and lam/gam) as a
                 bare torch.autograd.Function, with no input checks, plan, routes, autocast or hooks; its output and
                 gradients are checked against ours' before timing. What any Python autograd.Function computing this
@@ -113,8 +115,9 @@ def cpu_name() -> str:
 
 def parse_method(text: str, default_rank: dict[str, int]) -> tuple[str, str, int | None]:
     kind, _, rank = text.partition("@")
-    if kind not in ("frozen", "lora", "ours", "randlora", "bare", "builtin"):
-        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, randlora, bare, builtin (optionally @RANK)")
+    if kind not in ("frozen", "lora", "ours", "ours-torch", "randlora", "bare", "builtin"):
+        raise SystemExit(f"unknown method {text!r}: frozen, lora, ours, ours-torch, randlora, bare, builtin "
+                         "(optionally @RANK)")
     r = None if kind == "frozen" else int(rank) if rank else default_rank[kind]
     label = kind if kind == "frozen" else f"{kind} r{r}"
     return label, kind, r
@@ -200,7 +203,7 @@ def build(kind: str, rank: int | None, args, dev: str, dtype: torch.dtype) -> nn
         from peft import RandLoraConfig, get_peft_model
 
         model = get_peft_model(model, RandLoraConfig(r=rank, target_modules=names))
-    elif kind in ("ours", "bare", "builtin"):
+    elif kind in ("ours", "ours-torch", "bare", "builtin"):
         randlora = import_randlora()
         randlora.inject(model, names, rank=rank)
         got = len(list(randlora.named_adapters(model)))
@@ -321,7 +324,7 @@ def main() -> None:
 
     shapes = [(args.dim, args.dim)] * args.layers
     r_eq = equal_count_rank(shapes, args.lora_rank)
-    defaults = {"lora": args.lora_rank, "ours": r_eq, "bare": r_eq, "builtin": r_eq, "randlora": r_eq}
+    defaults = {"lora": args.lora_rank, "ours": r_eq, "ours-torch": r_eq, "bare": r_eq, "builtin": r_eq, "randlora": r_eq}
     methods = [parse_method(m.strip(), defaults) for m in args.methods.split(",") if m.strip()]
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU {cpu_name()}"
     try:
@@ -341,8 +344,11 @@ def main() -> None:
     x = torch.randn(args.tokens, args.dim, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(args.tokens, args.dim, device=dev, dtype=dtype)
     entries = {}
+    triton_default = import_randlora().TRITON if any(k == "ours-torch" for _, k, _ in methods) else None
     for label, kind, rank in methods:
         e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], fwd_cpu_times_s=[], status="ok")
+        if triton_default is not None:  # ours-torch runs (warm-up included) with the Triton kernels off
+            import_randlora().TRITON = triton_default and kind != "ours-torch"
         try:
             model = build(kind, rank, args, dev, dtype)
             if kind in ("bare", "builtin"):
@@ -365,6 +371,8 @@ def main() -> None:
         for label, e in entries.items():
             if e["status"] != "ok":
                 continue
+            if triton_default is not None:
+                import_randlora().TRITON = triton_default and e["method"] != "ours-torch"
             try:
                 wall_s, cpu_s = time_calls(e["call"], args.iters, dev)
                 e["times_s"].append(wall_s)
@@ -417,6 +425,8 @@ def main() -> None:
     if args.profile:
         for label, e in entries.items():
             if e["status"] == "ok":
+                if triton_default is not None:
+                    import_randlora().TRITON = triton_default and e["method"] != "ours-torch"
                 try:
                     e["profile"] = profile_calls(label, e["call"], args, dev)
                 except Exception as exc:
