@@ -165,6 +165,7 @@ class _Bases:
         self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
         self.stored = None if stored is None else tuple(t.detach().to("cpu", torch.float32) for t in stored)
         self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one pair per shape: one graph input each
 
     def __deepcopy__(self, memo: dict) -> _Bases:
         return self
@@ -190,6 +191,8 @@ class _Bases:
         ``width``, else ``d``)."""
         s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
         key = (torch.device(device), dtype if s is None else torch.int8, s)
+        if (views := self._views.get((*key, D, d))) is not None:
+            return views
         hit = self._copies.get(key)  # (A, or None for sparse kinds, whose A is kept per d; B)
         if hit is None or hit[1].shape[0] < D or hit[1].shape[1] < n or (s is None and hit[0].shape[1] < d):
             D_, d_ = (D, d) if hit is None else (
@@ -206,7 +209,9 @@ class _Bases:
             hit = self._copies[key] = (None if A is None else A.to(device, key[1]), B.to(device, key[1]))
         if s is not None and (*key, d) not in self._copies:
             self._copies[(*key, d)] = _sparse_AB(self.seed, self.rank, 0, d, s)[0].to(device)
-        return self._copies[(*key, d)] if s is not None else hit[0][:, :d], hit[1][:D, :n].flatten(1)
+        views = self._views[(*key, D, d)] = (self._copies[(*key, d)] if s is not None else hit[0][:, :d],
+                                             hit[1][:D, :n].flatten(1))
+        return views
 
     def dense(self, D: int, d: int, dtype: torch.dtype = torch.float32, device="cpu", width: int | None = None):
         """One layer's bases as floats: ``A`` ``(r, d)``, ``Bf`` ``(D, n*r)``."""

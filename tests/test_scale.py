@@ -414,6 +414,26 @@ def test_compile_fullgraph_trains_through_changing_batch_sizes(dynamic):
     assert set(counts[1:]) == {counts[1]}, counts
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_compile_reads_one_pair_of_bases_per_layer_shape(kind):
+    """Layers of one (out, in) read the very same A and Bf, so a compiled graph takes them once, not once per layer:
+    each graph input is checked and passed on every call (host time that grew with the number of layers)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)], nn.Linear(16, 24), nn.Linear(24, 16))
+    randlora.inject(model, "all-linear", rank=4, bases=kind)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.append(len(inputs))
+        return gm.forward
+
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(3, 16))
+    # x, then W, b, lam and gam of each of the 6 layers, then one (A, Bf) for 16x16 and one for 16x24 and 24x16 (the
+    # same bases: D = 24, d = 16); sparse kinds keep one A per d (16 only here) beside a Bf per (D, d)
+    assert seen == [1 + 4 * 6 + (2 * 2 if kind == "dense" else 1 + 2)], seen
+
+
 def test_compile_fullgraph_many_layer_shapes_and_sizes_stay_one_graph():
     """Each layer shape has its own threshold; guards on them multiplied graphs until dynamo's recompile limit, which
     a fullgraph=True compile turns into an error: now one graph for every size, each equal to eager."""
