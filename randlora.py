@@ -207,6 +207,7 @@ class _Bases:
             else:
                 A, B = None, _sparse_AB(self.seed, self.rank, D_, d_, s)[1]
             hit = self._copies[key] = (None if A is None else A.to(device, key[1]), B.to(device, key[1]))
+            self._views = {k: v for k, v in self._views.items() if k[:3] != key}  # views of the old copy: let it go
         if s is not None and (*key, d) not in self._copies:
             self._copies[(*key, d)] = _sparse_AB(self.seed, self.rank, 0, d, s)[0].to(device)
         views = self._views[(*key, D, d)] = (self._copies[(*key, d)] if s is not None else hit[0][:, :d],
@@ -831,9 +832,10 @@ class RandLoraLinear(RandLoraAdapter):
         if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
             raise ValueError(f"RandLoraLinear {_short(self.name)}: input is {x.dtype} {tuple(x.shape)}; expected "
                              f"floating (..., in_features={self.in_features})")
-        # the dicts, not nn.Module.__getattr__ (a microsecond a read, for a call whose own work is a few dozen)
-        p, dtype, base = self._plan, x.dtype, self._modules["base"]
-        lam, gam = self._parameters["lam"], self._parameters["gam"]
+        # the dicts, not nn.Module.__getattr__ (a microsecond a read, for a call whose own work is a few dozen); lam and
+        # gam are elsewhere under torch's pruning and parametrize, FSDP1's flat parameters, DataParallel's replicas
+        p, dtype, base, ps = self._plan, x.dtype, self._modules["base"], self._parameters
+        lam, gam = (ps["lam"], ps["gam"]) if "lam" in ps and "gam" in ps else (self.lam, self.gam)
         if p.device_type == "meta" and not x.is_meta:
             raise RuntimeError(_ON_META.format(_short(self.name)))
         amp = p.amp and torch.is_autocast_enabled(p.device_type)

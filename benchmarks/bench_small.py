@@ -22,6 +22,7 @@ overrides the batch, e.g. ``1b:1x2048``):
               embeddings, rope_theta 1e6); 4 x 512
   1b          LlamaForCausalLM (hidden 2048, MLP 5632, 16 layers, 16 heads, 16 KV heads, vocab 32000); 4 x 1024
   tiny-bert, tiny-qwen2, tiny-llama    two-layer versions (hidden 64) for CPU tests; 2 x 16
+  host-bert    BERT-base's 12 blocks at hidden 32, 1 x 4 tokens: a step that is all host time (CPU comparisons)
 Targets: every linear layer inside the transformer blocks (not embeddings, pooler or lm_head):
   BERT         ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
                (6 per block; "output.dense" also matches "attention.output.dense": PEFT's and randlora's suffix rule)
@@ -124,6 +125,9 @@ SHAPES = {
     "1b": dict(family="llama", batch=4, seq=1024, cfg=dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
         vocab_size=32000, max_position_embeddings=4096)),
+    # BERT-base's depth (12 blocks, 72 adapted layers) at a width where arithmetic is negligible: the host's share
+    "host-bert": dict(family="bert", batch=1, seq=4, cfg=dict(
+        hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64, vocab_size=100)),
     "tiny-bert": dict(family="bert", batch=2, seq=16, cfg=dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000)),
     "tiny-qwen2": dict(family="qwen2", batch=2, seq=16, cfg=dict(

@@ -328,6 +328,19 @@ def test_bases_not_in_state_dict_buffers_or_parameters():
         assert t.untyped_storage().data_ptr() not in cache_ptrs
 
 
+def test_layers_view_the_newest_copy_after_the_bases_grow():
+    """Targets where no layer covers the others in both D and d make the bases grow during inject: then every layer
+    views the newest copy and the older one is freed (no cache of views may keep it, nor hand a layer views of it)."""
+    model = nn.Sequential(nn.Linear(40, 4), nn.Linear(8, 16))  # (D, d) = (40, 4) first (larger), then (16, 8)
+    randlora.inject(model, "all-linear", rank=2, seed=977)  # a seed of its own: no other layer holds these bases
+    bases = model[0]._bases
+    ((A, B),) = bases._copies.values()
+    assert A.shape[1] == 8 and B.shape[0] == 40  # grown for both layers
+    assert _ptrs(t for m in model for t in m._bases_in(torch.float32)) == _ptrs((A, B))
+    for m, width in zip(model, (40, 8)):
+        m(torch.randn(3, width))
+
+
 def test_one_shared_copy_per_device_dtype():
     model = fresh_tiny()
     randlora.inject(model, ["embed", "block.0", "head"], rank=2, seed=0)

@@ -228,6 +228,34 @@ def test_base_weight_trainable_gets_full_gradient():
 # Input checks
 
 
+@pytest.mark.parametrize("how", ["prune", "parametrize", "weight_norm"])
+def test_lam_gam_held_elsewhere_by_torch_tools(how):
+    """torch's pruning and parametrize (and FSDP1, DataParallel's replicas) keep lam/gam out of the module's
+    parameter dict: the layer still computes with what they give, against the float64 reference."""
+    from torch.nn.utils import parametrize, prune
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    layer = make_layer(6, 9, 2)
+    randomize_(layer, 4)
+    if how == "prune":
+        prune.l1_unstructured(layer, "lam", amount=0.5)
+    elif how == "parametrize":
+        parametrize.register_parametrization(layer, "lam", Twice())
+    else:
+        layer = torch.nn.utils.weight_norm(layer, "gam")
+    assert "lam" not in layer._parameters or "gam" not in layer._parameters
+    x, dY = torch.randn(2, 3, 6), torch.randn(2, 3, 9)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.backward(dY)
+    y_ref, dx_ref, _, _ = reference(layer, x, dY)  # reads layer.lam / layer.gam: what the tool computes
+    assert_close(y.detach(), y_ref, 1e-5, what="y")
+    assert_close(xg.grad, dx_ref, 1e-5, what="dx")
+
+
 def test_wrong_input_features_raises_naming_layer():
     layer = make_layer(8, 6, 3)
     with pytest.raises(ValueError, match=r"'layer'.*8"):
