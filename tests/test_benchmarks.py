@@ -39,15 +39,29 @@ def test_bench_small_eager_runs_every_method(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in res["runs"])
 
 
+def test_compiled_code_writes_each_graph_and_counts_its_inputs(tmp_path):
+    """compiled_code.py compiles a bench_small shape's step per method, writes inductor's code for the forward and
+    the backward graph, and counts the forward's inputs (test_scale.py pins the bases' share of them)."""
+    proc = subprocess.run([sys.executable, "benchmarks/compiled_code.py", "--device", "cpu", "--shape", "tiny-bert",
+                           "--methods", "ours", "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    graphs = (tmp_path / "code_ours.txt").read_text().split("#### NEXT GRAPH ####")
+    assert len(graphs) == 2 and all("def call(" in g for g in graphs)
+    n_inputs = int(proc.stdout.split("ours graph 0: inputs ")[1].split(",")[0])
+    assert n_inputs >= 12 * 4, n_inputs  # at least W, b, lam and gam of each of the 12 adapted layers (2 blocks x 6)
+    assert "host ms" in proc.stdout
+
+
 def test_host_overhead_times_every_method_and_the_floors_compute_ours(tmp_path):
     """host_overhead.py times each method; its two floors (the same update as a bare autograd.Function, and from
     built-in operations) are checked against ours before timing, so the floors it reports compute what ours computes;
     and it counts what autograd keeps: ours the input alone, the built-in floor S (r*n x d) beside it."""
     out = tmp_path / "host.json"
-    _run(tmp_path, "benchmarks/host_overhead.py", "--tiny", "--methods", "frozen,lora,ours,bare,builtin", "--json",
-         str(out))
+    _run(tmp_path, "benchmarks/host_overhead.py", "--tiny", "--methods", "frozen,lora,ours,bare,builtin,ours-torch",
+         "--json", str(out))
     res = json.loads(out.read_text())
-    assert {e["method"] for e in res["methods"].values()} == {"frozen", "lora", "ours", "bare", "builtin"}
+    assert {e["method"] for e in res["methods"].values()} == {"frozen", "lora", "ours", "bare", "builtin", "ours-torch"}
     assert all(e["status"] == "ok" and e["median_us"] > 0 for e in res["methods"].values())
     saved = {e["method"]: e["saved_bytes_per_layer"] for e in res["methods"].values()}
     x_bytes, S_bytes = 4 * 64 * 4, 64 * 64 * 4  # float32 x (4 tokens x 64) and S (r*n = 64 x 64)
