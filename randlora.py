@@ -165,7 +165,7 @@ class _Bases:
         self.rank, self.seed, self.kind, self.peft = rank, seed, kind, dict(peft or {})
         self.stored = None if stored is None else tuple(t.detach().to("cpu", torch.float32) for t in stored)
         self._copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one pair per shape: one graph input each
+        self._per_shape: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one view pair a shape: one graph input
 
     def __deepcopy__(self, memo: dict) -> _Bases:
         return self
@@ -191,7 +191,7 @@ class _Bases:
         ``width``, else ``d``)."""
         s, n = None if self.kind == "dense" else self._sparsity(width or d), _num_bases(d, self.rank)
         key = (torch.device(device), dtype if s is None else torch.int8, s)
-        if (views := self._views.get((*key, D, d))) is not None:
+        if (views := self._per_shape.get((*key, D, d))) is not None:
             return views
         hit = self._copies.get(key)  # (A, or None for sparse kinds, whose A is kept per d; B)
         if hit is None or hit[1].shape[0] < D or hit[1].shape[1] < n or (s is None and hit[0].shape[1] < d):
@@ -207,11 +207,11 @@ class _Bases:
             else:
                 A, B = None, _sparse_AB(self.seed, self.rank, D_, d_, s)[1]
             hit = self._copies[key] = (None if A is None else A.to(device, key[1]), B.to(device, key[1]))
-            self._views = {k: v for k, v in self._views.items() if k[:3] != key}  # views of the old copy: let it go
+            self._per_shape = {k: v for k, v in self._per_shape.items() if k[:3] != key}  # old copy's views: free it
         if s is not None and (*key, d) not in self._copies:
             self._copies[(*key, d)] = _sparse_AB(self.seed, self.rank, 0, d, s)[0].to(device)
-        views = self._views[(*key, D, d)] = (self._copies[(*key, d)] if s is not None else hit[0][:, :d],
-                                             hit[1][:D, :n].flatten(1))
+        views = self._per_shape[(*key, D, d)] = (self._copies[(*key, d)] if s is not None else hit[0][:, :d],
+                                                 hit[1][:D, :n].flatten(1))
         return views
 
     def dense(self, D: int, d: int, dtype: torch.dtype = torch.float32, device="cpu", width: int | None = None):
