@@ -345,10 +345,15 @@ def main() -> None:
     dy = torch.randn(args.tokens, args.dim, device=dev, dtype=dtype)
     entries = {}
     triton_default = import_randlora().TRITON if any(k == "ours-torch" for _, k, _ in methods) else None
+
+    def kernels_for(kind: str) -> None:
+        """ours-torch runs (warm-up, timing, profile) with the Triton kernels off; the others as installed."""
+        if triton_default is not None:
+            import_randlora().TRITON = triton_default and kind != "ours-torch"
+
     for label, kind, rank in methods:
         e = entries[label] = dict(method=kind, rank=rank, times_s=[], cpu_times_s=[], fwd_cpu_times_s=[], status="ok")
-        if triton_default is not None:  # ours-torch runs (warm-up included) with the Triton kernels off
-            import_randlora().TRITON = triton_default and kind != "ours-torch"
+        kernels_for(kind)
         try:
             model = build(kind, rank, args, dev, dtype)
             if kind in ("bare", "builtin"):
@@ -371,8 +376,7 @@ def main() -> None:
         for label, e in entries.items():
             if e["status"] != "ok":
                 continue
-            if triton_default is not None:
-                import_randlora().TRITON = triton_default and e["method"] != "ours-torch"
+            kernels_for(e["method"])
             try:
                 wall_s, cpu_s = time_calls(e["call"], args.iters, dev)
                 e["times_s"].append(wall_s)
@@ -425,8 +429,7 @@ def main() -> None:
     if args.profile:
         for label, e in entries.items():
             if e["status"] == "ok":
-                if triton_default is not None:
-                    import_randlora().TRITON = triton_default and e["method"] != "ours-torch"
+                kernels_for(e["method"])
                 try:
                     e["profile"] = profile_calls(label, e["call"], args, dev)
                 except Exception as exc:
